@@ -1,0 +1,38 @@
+"""Shared fixtures: one embedded Ray for the whole session, the sample world built once."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+import pipelines  # noqa: E402,F401  (registers the sources)
+import tokenizer  # noqa: E402,F401  (registers the tokenizer stage)
+
+# Fast settings for tests: the tiny tokenizer config, small shards.
+TEST_OVERRIDES = [
+    "tokenizer.config=test",
+    "tokenizer.batch_size=16",
+    "output.sentences_per_shard=16",
+    "limits.max_reject_rate=0.5",  # the small sample world is 40% deliberately broken inputs
+]
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import logging
+
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    from uvd.demo_world import build_demo_world
+
+    root = tmp_path_factory.mktemp("world")
+    return build_demo_world(root, seed=0, small=True)

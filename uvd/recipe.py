@@ -1,0 +1,263 @@
+"""Recipes: one YAML file per dataset job, validated so that a bad field names itself.
+
+    uvd run recipes/laion.yaml --set inputs=/data/laion --set limits.max_items=1000
+
+A recipe has `source`, `inputs`, `seed`, and the sections `sentence` (the source's own
+layout options), `image`, `filters`, `tokenizer`, `output` and `limits`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uvd.registry import get_source
+
+
+@dataclass
+class ImageOptions:
+    size: int = 256  # output side; the tokenizer expects 256
+    resize: str = "center_crop"  # center_crop: shorter side to size, then crop; resize: plain resize to size² (LVM)
+    max_pixels: int = 178_956_970  # decompression-bomb guard: refuse larger images before decoding
+
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.resize", self.resize, ("center_crop", "resize"))
+        _check_positive(f"{path}.size", self.size)
+        if self.size % 16:
+            raise ValueError(f"{path}.size: {self.size} is not a multiple of 16 (the tokenizer downsamples by 16)")
+        _check_positive(f"{path}.max_pixels", self.max_pixels)
+
+
+@dataclass
+class FilterOptions:
+    min_side: int = 0  # reject images whose shorter side is below this (0: off)
+    max_aspect: float = 0.0  # reject images with long/short side above this (0: off)
+    dedup: bool = False  # reject exact duplicates (same content hash) after the first occurrence
+
+    def validate(self, path: str) -> None:
+        if self.min_side < 0:
+            raise ValueError(f"{path}.min_side: must be >= 0, got {self.min_side}")
+        if self.max_aspect and self.max_aspect < 1:
+            raise ValueError(f"{path}.max_aspect: must be 0 (off) or >= 1, got {self.max_aspect}")
+
+
+@dataclass
+class TokenizerOptions:
+    config: str = "lvm"  # preset name (lvm, maskgit, small, test) or a tokenizer directory
+    weights: str | None = None  # tokenizer directory with weights; none: untrained weights from `seed`
+    seed: int = 0  # seed of the untrained weights
+    device: str = "auto"  # auto (GPU when the cluster has one), cpu, cuda
+    dtype: str = "float32"  # float32 or bfloat16
+    batch_size: int = 16  # images per encode call
+    num_actors: int | None = None  # encoder actors; default: one per GPU, else one
+    cpus_per_actor: float = 0.5  # fractional, so read tasks are never starved on small machines
+
+    def validate(self, path: str) -> None:
+        _check_choice(f"{path}.device", self.device, ("auto", "cpu", "cuda"))
+        _check_choice(f"{path}.dtype", self.dtype, ("float32", "bfloat16"))
+        _check_positive(f"{path}.batch_size", self.batch_size)
+        if self.num_actors is not None:
+            _check_positive(f"{path}.num_actors", self.num_actors)
+        _check_positive(f"{path}.cpus_per_actor", self.cpus_per_actor)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that change the tokens (not where or how fast they are computed)."""
+        return {"config": self.config, "weights": self.weights, "seed": self.seed, "dtype": self.dtype}
+
+
+@dataclass
+class OutputOptions:
+    sentences_per_shard: int = 2000
+    row_group_size: int = 256  # rows per Parquet row group: ~2 MB of tokens for 16-image rows
+    compression: str = "zstd"
+    compression_level: int = 3
+    keep_work: bool = False  # keep the per-input token cache (_work/) after a finished run
+
+    def validate(self, path: str) -> None:
+        _check_positive(f"{path}.sentences_per_shard", self.sentences_per_shard)
+        _check_positive(f"{path}.row_group_size", self.row_group_size)
+        _check_choice(f"{path}.compression", self.compression, ("zstd", "snappy", "gzip", "none"))
+
+
+@dataclass
+class LimitOptions:
+    max_items: int | None = None  # read at most this many input items (first in input order)
+    max_reject_rate: float = 0.25  # the job fails when more than this share of inputs is rejected
+
+    def validate(self, path: str) -> None:
+        if self.max_items is not None:
+            _check_positive(f"{path}.max_items", self.max_items)
+        if not 0.0 <= self.max_reject_rate <= 1.0:
+            raise ValueError(f"{path}.max_reject_rate: must be in [0, 1], got {self.max_reject_rate}")
+
+
+@dataclass
+class Recipe:
+    source: str
+    inputs: list[str]
+    seed: int = 0
+    sentence: Any = None  # the source's Options dataclass
+    image: ImageOptions = field(default_factory=ImageOptions)
+    filters: FilterOptions = field(default_factory=FilterOptions)
+    tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
+    output: OutputOptions = field(default_factory=OutputOptions)
+    limits: LimitOptions = field(default_factory=LimitOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def hash(self) -> str:
+        """Identity of what the recipe produces; execution-only fields are left out."""
+        data = self.to_dict()
+        data["tokenizer"] = self.tokenizer.identity()
+        data["output"].pop("keep_work")
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+_SECTIONS = {
+    "image": ImageOptions,
+    "filters": FilterOptions,
+    "tokenizer": TokenizerOptions,
+    "output": OutputOptions,
+    "limits": LimitOptions,
+}
+_TOP_KEYS = ("source", "inputs", "seed", "sentence", *_SECTIONS)
+
+
+def recipe_from_dict(data: dict[str, Any]) -> Recipe:
+    """Build and validate a recipe; any problem raises ValueError naming the field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"recipe: expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in _TOP_KEYS:
+            raise ValueError(f"{key}: unknown recipe key; expected one of {', '.join(_TOP_KEYS)}")
+    if "source" not in data:
+        raise ValueError("source: missing; name the source to run (e.g. source: laion)")
+    source_cls = get_source(data["source"])
+    if "inputs" not in data or data["inputs"] in (None, "", []):
+        raise ValueError("inputs: missing; give a path, a glob, or a list of them")
+    inputs = data["inputs"]
+    inputs = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(inputs, list) or not all(isinstance(p, str) for p in inputs):
+        raise ValueError(f"inputs: expected a path or a list of paths, got {data['inputs']!r}")
+    seed = data.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ValueError(f"seed: expected an integer, got {seed!r}")
+    sections = {name: from_mapping(cls, data.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sentence = from_mapping(source_cls.Options, data.get("sentence") or {}, "sentence")
+    recipe = Recipe(source=data["source"], inputs=inputs, seed=seed, sentence=sentence, **sections)
+    for name in _SECTIONS:
+        getattr(recipe, name).validate(name)
+    if hasattr(sentence, "validate"):
+        sentence.validate("sentence")
+    source_cls.check_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe and apply `--set key=value` overrides (dotted keys, YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return recipe_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ValueError(f"--set {override}: expected key=value, e.g. --set limits.max_items=100")
+    key, _, text = override.partition("=")
+    value = yaml.safe_load(text) if text else None
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {override}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def from_mapping(cls: type, data: dict[str, Any], path: str) -> Any:
+    """Fill dataclass `cls` from `data`, checking keys and value types."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            known = ", ".join(fields) or "(none)"
+            raise ValueError(f"{path}.{key}: unknown key; expected one of {known}")
+        values[key] = _coerce(value, hints[key], f"{path}.{key}")
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        options = [a for a in args if a is not type(None)]
+        errors = []
+        for option in options:
+            try:
+                return _coerce(value, option, path)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0])
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: expected a string, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{path}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], f"{path} key"): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    raise TypeError(f"{path}: unsupported field type {hint}")
+
+
+def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+
+
+def _check_positive(path: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{path}: must be > 0, got {value}")

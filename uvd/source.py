@@ -1,0 +1,71 @@
+"""The interface every source in `pipelines/` implements: enumerate, read, assemble.
+
+`list_units` runs on the driver, `read_unit` inside Ray tasks (one call per unit of
+input: a tar shard, a class folder, a video), `assemble` on the driver over the
+tokenized images of every unit, in unit order. Decode, resize, tokenize and write are
+shared and live elsewhere.
+"""
+from __future__ import annotations
+
+import glob
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator
+
+from uvd.records import ImageRecord, Item, Reject, Sentence
+
+if TYPE_CHECKING:
+    from uvd.recipe import Recipe
+
+
+@dataclass
+class NoOptions:
+    """For sources without sentence-layout options."""
+
+
+@dataclass
+class UnitImages:
+    """What the shared path made of one unit: its tokenized images, in reading order."""
+
+    unit: str
+    images: list[ImageRecord]
+
+
+class Source:
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, recipe: Recipe):
+        self.recipe = recipe
+        self.options = recipe.sentence
+        self.rng = random.Random(recipe.seed)
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> None:
+        """Cross-field checks a source needs beyond its Options' own validation."""
+
+    def list_units(self) -> list[str]:
+        """The units of input, in a deterministic order."""
+        raise NotImplementedError
+
+    def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
+        """Yield the unit's items (at most `max_items`), bad ones with `reject` set."""
+        raise NotImplementedError
+
+    def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+        """Turn tokenized images into sentences; every image not used is yielded as a Reject."""
+        raise NotImplementedError
+
+
+def resolve_inputs(inputs: list[str], field: str = "inputs") -> list[Path]:
+    """Expand paths and globs; a pattern or path that matches nothing is the user's mistake."""
+    paths: list[Path] = []
+    for pattern in inputs:
+        expanded = str(Path(pattern).expanduser())
+        matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
+        matches = [m for m in matches if Path(m).exists()]
+        if not matches:
+            raise ValueError(f"{field}: {pattern!r} matches nothing on disk")
+        paths.extend(Path(m).resolve() for m in matches)
+    return paths
