@@ -1,2 +1,2 @@
 """One module per source; importing this package registers them all."""
-from pipelines import imagenet_groups, laion  # noqa: F401
+from pipelines import coco, dense, derived, imagenet_groups, laion, paired  # noqa: F401

@@ -4,12 +4,14 @@
     uvd stats DIR [--json]
     uvd validate RECIPE ...
     uvd demo [--out DIR]
+    uvd audit DIR [--target MIX.yaml] [--out report.html] [--json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -44,10 +46,58 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check recipes without running them")
     validate.add_argument("recipes", nargs="*", help=f"recipe files (default: every file in {RECIPES_DIR})")
 
+    audit = sub.add_parser("audit", help="data-mix audit of one run or a folder of runs: HTML report, JSON, drift check")
+    audit.add_argument("dir")
+    audit.add_argument("--target", help="target mix YAML (e.g. recipes/mixes/uvdv1.yaml); exit 3 when a share drifts past its tolerance")
+    audit.add_argument("--out", help="HTML report path (default: audit.html; with --json only when given)")
+    audit.add_argument("--json", action="store_true", help="print the numbers as JSON (layout in README)")
+    audit.add_argument("--samples", type=int, default=2, help="decoded sample sentences per source (0: none)")
+    audit.add_argument("--ray", action="store_true", help="count shards in Ray tasks (default: when more than 64 shards)")
+    audit.add_argument("--address", help="Ray cluster address for --ray (default: an embedded local Ray)")
+
     demo = sub.add_parser("demo", help="build a small sample world and run the recipes on it")
     demo.add_argument("--out", default="demo_out", help="folder for the sample world and the runs")
     demo.add_argument("--small", action="store_true", help="a smaller world (faster)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    train = sub.add_parser("train", help="train the LVM on token shards (model/; torchrun for DDP/FSDP)")
+    train.add_argument("config", help="training config (see recipes/train/)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set train.max_steps=100 --set data.runs=[out/laion]")
+
+    ablate = sub.add_parser("ablate", help="train one run per left-out data component and compare evaluations")
+    ablate.add_argument("config", help="training config (see recipes/train/)")
+    ablate.add_argument("--leave-out", action="append", required=True, metavar="SOURCE[/TASK]",
+                        help="a component to leave out (repeat for more variants)")
+    ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ablate.add_argument("--eval-data", nargs="+", help="held-out run folders (default: eval.runs, else data.runs)")
+    ablate.add_argument("--json", action="store_true", help="print the results as JSON")
+
+    evaluate = sub.add_parser("eval", help="LVM evaluation: per-task prompt perplexity and held-out perplexity")
+    evaluate.add_argument("model", help="training output folder or checkpoint folder")
+    evaluate.add_argument("--data", nargs="+", required=True, help="held-out run folders")
+    evaluate.add_argument("--max-prompts", type=int, default=20, help="prompts per task")
+    evaluate.add_argument("--windows", type=int, default=8, help="packed windows for the held-out perplexity")
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--json", action="store_true")
+
+    prompt = sub.add_parser("prompt", help="sample images from the LVM and write a contact sheet")
+    prompt.add_argument("model", help="training output folder or checkpoint folder")
+    prompt.add_argument("--data", nargs="+", required=True, help="run folders to take the prompt sentence from")
+    prompt.add_argument("--mode", choices=("analogy", "sequential"), default="analogy")
+    prompt.add_argument("--task", help="task of the prompt sentence (default: the first long enough)")
+    prompt.add_argument("--index", type=int, default=0, help="which matching sentence")
+    prompt.add_argument("--context", type=int, help="pairs (analogy, default 5) or frames (sequential, default 15)")
+    prompt.add_argument("--generate", type=int, default=1, help="images to generate (sequential)")
+    prompt.add_argument("--temperature", type=float, default=1.0)
+    prompt.add_argument("--top-k", type=int, default=100)
+    prompt.add_argument("--top-p", type=float)
+    prompt.add_argument("--seed", type=int, default=0)
+    prompt.add_argument("--tokenizer-config", help="tokenizer preset or folder (default: the one in the run's _recipe.yaml)")
+    prompt.add_argument("--tokenizer-weights", help="tokenizer folder with weights")
+    prompt.add_argument("--device", default="auto")
+    prompt.add_argument("--out", default="prompt.png", help="contact sheet PNG")
     return parser
 
 
@@ -124,6 +174,85 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from uvd.audit import run_audit
+    from uvd.report import decode_samples, write_report
+
+    if args.samples < 0:
+        raise ValueError("--samples must be 0 or more")
+    data, total, runs = run_audit(args.dir, args.target, num_samples=args.samples, use_ray=True if args.ray else None,
+                                  address=args.address)
+    if args.out or not args.json:
+        strips = decode_samples(total, runs) if args.samples else None
+        path = write_report(args.out or "audit.html", data, strips)
+        print(f"audit report written to {path}", file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(data, indent=2))
+    target = data["target"]
+    if target:
+        for kind, rows in target["sections"].items():
+            for row in rows:
+                if row["flagged"]:
+                    print(f"DRIFT {kind} {row['name']}: {row['actual_share']:.2%} of tokens, target {row['target_share']:.2%} "
+                          f"(tolerance {row['tolerance']:.2%})", file=sys.stderr)
+    return 3 if data["drift_exceeded"] else 0
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from model.config import load_train_config
+    from model.evaluate import evaluate, format_results
+    from model.train import load_model, train
+
+    config = load_train_config(args.config, args.overrides)
+    summary = train(config)
+    shares = ", ".join(f"{k} {summary['token_shares'][k]:.1%} (weight {w:.1%})" for k, w in summary["weights"].items())
+    print(f"{summary['out']}: {summary['step']} steps, {summary['tokens']:,} tokens; token shares: {shares}")
+    if config.eval.runs and int(os.environ.get("RANK", 0)) == 0:
+        model = load_model(config.train.out, _device(config.train.device))
+        results = evaluate(model, config.eval.runs, config.eval.max_prompts_per_task, config.eval.num_windows,
+                           config.eval.batch_size, config.data.seq_len)
+        (Path(config.train.out) / "eval.json").write_text(json.dumps(results, indent=1))
+        print(format_results({Path(config.train.out).name: results}))
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from model.config import load_train_config
+    from model.evaluate import ablate, format_results
+
+    config = load_train_config(args.config, args.overrides)
+    results = ablate(config, args.leave_out, args.eval_data)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from model.evaluate import evaluate, format_results
+    from model.train import load_model
+
+    model = load_model(args.model, _device(args.device))
+    results = evaluate(model, args.data, args.max_prompts, args.windows, args.batch_size)
+    print(json.dumps(results, indent=2) if args.json else format_results({Path(args.model).name: results}))
+    return 0
+
+
+def cmd_prompt(args: argparse.Namespace) -> int:
+    from model.prompt import prompt
+    from model.train import load_model
+
+    model = load_model(args.model, _device(args.device))
+    result = prompt(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
+                    args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights)
+    print(f"{result['mode']} prompt ({result['task']}, {result['context_images']} context images) -> {result['path']}")
+    return 0
+
+
 def _warn_untrained(tokenizer_info: dict) -> None:
     if tokenizer_info and not tokenizer_info.get("trained", True):
         print(
@@ -132,7 +261,7 @@ def _warn_untrained(tokenizer_info: dict) -> None:
         )
 
 
-COMMANDS = {"run": cmd_run, "stats": cmd_stats, "validate": cmd_validate, "demo": cmd_demo}
+COMMANDS = {"run": cmd_run, "stats": cmd_stats, "validate": cmd_validate, "demo": cmd_demo, "audit": cmd_audit}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -29,7 +29,7 @@ from uvd.images import preprocess_batch
 from uvd.recipe import Recipe
 from uvd.records import DUPLICATE, Item, Reject
 from uvd.registry import get_source, get_tokenizer_stage
-from uvd.runtime import cluster_resources, ray_session
+from uvd.runtime import cluster_resources, configure_data_context, ray_session
 from uvd.shards import SCHEMA_VERSION, atomic_write_table, read_unit_cache, rejects_table, write_shard, write_unit_cache
 from uvd.source import Source, UnitImages
 
@@ -184,14 +184,39 @@ def read_unit_rows(row: dict[str, Any], source: Source, max_items: int | None) -
     yield {**_item_row(unit, Item(key="")), "end": True, "num_rows": count}
 
 
+def _rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    batch = {}
+    for name in rows[0]:
+        column = np.empty(len(rows), dtype=object)
+        column[:] = [r[name] for r in rows]
+        batch[name] = column
+    batch["end"] = batch["end"].astype(bool)
+    batch["num_rows"] = batch["num_rows"].astype(np.int64)
+    return batch
+
+
+def read_and_preprocess(
+    batch: dict[str, np.ndarray], source: Source, max_items: int | None, image: Any, filters: Any, chunk: int = 32
+) -> Iterator[dict[str, np.ndarray]]:
+    """Ray map_batches over units: read each unit and decode/resize its items in the same task,
+    yielding batches of `chunk` preprocessed rows (encoded bytes never cross the object store)."""
+    for unit in batch["unit"]:
+        rows: list[dict[str, Any]] = []
+        for row in read_unit_rows({"unit": unit}, source, max_items):
+            rows.append(row)
+            if len(rows) == chunk:
+                yield preprocess_batch(_rows_to_batch(rows), image, filters)
+                rows = []
+        if rows:
+            yield preprocess_batch(_rows_to_batch(rows), image, filters)
+
+
 def tokenize_units(units: list[str], source: Source, recipe: Recipe, cached: dict[str, Path], progress: bool) -> int:
     """Read, preprocess and tokenize `units` on Ray; write each finished unit's cache file."""
     import ray.data
     from tqdm import tqdm
 
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
+    configure_data_context()
     resources = cluster_resources()
     tok = recipe.tokenizer
     num_gpus = int(resources.get("GPU", 0))
@@ -208,11 +233,10 @@ def tokenize_units(units: list[str], source: Source, recipe: Recipe, cached: dic
     log.info("tokenizing %d units: %d %s encoder actor(s)", len(units), num_actors, "GPU" if use_gpu else "CPU")
 
     ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-    ds = ds.flat_map(read_unit_rows, fn_kwargs={"source": source, "max_items": recipe.limits.max_items})
     ds = ds.map_batches(
-        preprocess_batch,
-        fn_kwargs={"image": recipe.image, "filters": recipe.filters},
-        batch_size=32,
+        read_and_preprocess,
+        fn_kwargs={"source": source, "max_items": recipe.limits.max_items, "image": recipe.image, "filters": recipe.filters},
+        batch_size=1,
         batch_format="numpy",
     )
     ds = ds.map_batches(

@@ -1,0 +1,224 @@
+"""Model sizes and the training config.
+
+The LVM sizes (SPEC.md) are named configs; `tiny` and `small` are for tests and the demo.
+A training config is a YAML file (recipes/train/*.yaml) with the sections `model`, `data`,
+`optim`, `train` and `eval`; a bad field raises ValueError naming it.
+
+    uvd train recipes/train/tiny.yaml --set train.max_steps=50 --set data.runs=[out/laion]
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from uvd.recipe import apply_override, from_mapping
+
+# Vocabulary: visual ids 0..8191, then LVM's 100 reserved ids. LVM pads with 8192 at
+# inference; we keep that and put BOS and EOS right after it.
+NUM_VISUAL_TOKENS = 8192
+VOCAB_SIZE = 8292
+PAD_ID = 8192
+BOS_ID = 8193
+EOS_ID = 8194
+TOKENS_PER_IMAGE = 256
+
+
+@dataclass
+class ModelConfig:
+    dim: int = 1024
+    num_layers: int = 22
+    num_heads: int = 8
+    num_kv_heads: int | None = None  # grouped-query attention; None: = num_heads
+    ffn_dim: int | None = None  # SwiGLU hidden size; None: LLaMA's rule (8/3 dim, rounded up to 256)
+    vocab_size: int = VOCAB_SIZE
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = 256 * ((int(8 * self.dim / 3) + 255) // 256)
+
+    def validate(self, path: str) -> None:
+        for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
+        if self.dim % self.num_heads or (self.dim // self.num_heads) % 2:
+            raise ValueError(f"{path}.dim: {self.dim} must split into {self.num_heads} heads of even size")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"{path}.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
+        if self.vocab_size <= EOS_ID:
+            raise ValueError(f"{path}.vocab_size: must be > {EOS_ID} (visual ids + PAD, BOS, EOS)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# SPEC.md's LVM sizes; 3B and 7B follow OpenLLaMA's FFN sizes (the LVM was trained with EasyLM).
+MODEL_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(dim=64, num_layers=2, num_heads=4),
+    "small": dict(dim=192, num_layers=4, num_heads=6, max_seq_len=4096),
+    "lvm_300m": dict(dim=1024, num_layers=22, num_heads=8),
+    "lvm_600m": dict(dim=1536, num_layers=22, num_heads=16),
+    "lvm_1b": dict(dim=2048, num_layers=22, num_heads=16),
+    "lvm_3b": dict(dim=3200, num_layers=26, num_heads=32, ffn_dim=8640),
+    "lvm_7b": dict(dim=4096, num_layers=32, num_heads=32, ffn_dim=11008),
+}
+
+
+def model_config(name: str, **overrides: Any) -> ModelConfig:
+    if name not in MODEL_SIZES:
+        raise ValueError(f"model.size: unknown size {name!r}; choose one of {', '.join(MODEL_SIZES)}")
+    return ModelConfig(**{**MODEL_SIZES[name], **overrides})
+
+
+@dataclass
+class DataOptions:
+    runs: list[str] = field(default_factory=list)  # run folders (or parents of run folders) holding shards
+    seq_len: int = 4096  # tokens per training window (16 images x 256)
+    mixture: dict[str, float] = field(default_factory=dict)  # SOURCE or SOURCE/TASK -> weight; 0 leaves it out
+    shuffle_buffer: int = 1024  # sentences
+    seed: int = 0
+
+    def validate(self, path: str) -> None:
+        if self.seq_len < 2:
+            raise ValueError(f"{path}.seq_len: must be >= 2, got {self.seq_len}")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"{path}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        for key, weight in self.mixture.items():
+            if weight < 0:
+                raise ValueError(f"{path}.mixture.{key}: weights must be >= 0, got {weight}")
+
+
+@dataclass
+class OptimOptions:
+    lr: float = 1.5e-4
+    end_lr: float = 3e-5  # cosine decay reaches this at train.max_steps
+    warmup_steps: int = 8000
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0  # 0: off
+
+    def validate(self, path: str) -> None:
+        if self.lr <= 0 or self.end_lr < 0 or self.end_lr > self.lr:
+            raise ValueError(f"{path}.lr/end_lr: need lr > 0 and 0 <= end_lr <= lr, got {self.lr}, {self.end_lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"{path}.warmup_steps: must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"{path}.betas: expected two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainOptions:
+    out: str = "out/train/lvm"  # checkpoints and logs
+    batch_size: int = 8  # sequences per micro-batch per data-parallel rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_steps: int = 1000
+    seed: int = 0
+    device: str = "auto"  # auto, cpu, cuda
+    dtype: str = "bfloat16"  # autocast dtype on GPU: bfloat16 or float32 (CPU always runs float32)
+    compile: bool = False  # torch.compile the model
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"  # under torchrun: ddp or fsdp
+    log_every: int = 10
+    ckpt_every: int = 500  # steps; a checkpoint is also written at the end
+    keep_checkpoints: int = 2
+    tensorboard: bool = False
+    peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
+
+    def validate(self, path: str) -> None:
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
+        for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
+                              ("parallel", ("ddp", "fsdp"))):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{path}.{name}: {getattr(self, name)!r} is not one of {', '.join(choices)}")
+
+
+@dataclass
+class EvalOptions:
+    runs: list[str] = field(default_factory=list)  # held-out run folders; empty: no eval after training
+    max_prompts_per_task: int = 20
+    num_windows: int = 8  # packed windows for the overall held-out perplexity
+    batch_size: int = 4
+
+    def validate(self, path: str) -> None:
+        for name in ("max_prompts_per_task", "num_windows", "batch_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig
+    size: str = "lvm_300m"
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    eval: EvalOptions = field(default_factory=EvalOptions)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["model"] = {"size": self.size, **data["model"]}
+        del data["size"]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {"data": DataOptions, "optim": OptimOptions, "train": TrainOptions, "eval": EvalOptions}
+
+
+def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """`model: {size: NAME, ...overrides}` plus the sections; ValueError names the bad field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"training config: expected a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in ("model", *_SECTIONS):
+            raise ValueError(f"{key}: unknown key; expected one of model, {', '.join(_SECTIONS)}")
+    model_data = data.get("model") or {}
+    model_data = {"size": model_data} if isinstance(model_data, str) else model_data
+    if not isinstance(model_data, dict):
+        raise ValueError(f"model: expected a size name or a mapping with size and overrides, got {model_data!r}")
+    model_data = dict(model_data)
+    size = model_data.pop("size", "lvm_300m")
+    if size not in MODEL_SIZES:
+        raise ValueError(f"model.size: unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    overrides = from_mapping(ModelConfig, model_data, "model")  # checks keys and types
+    model = model_config(size, **{k: getattr(overrides, k) for k in model_data})
+    model.validate("model")
+    sections = {name: from_mapping(cls, data.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    for name, section in sections.items():
+        section.validate(name)
+    config = TrainConfig(model=model, size=size, **sections)
+    if config.data.seq_len > model.max_seq_len:
+        raise ValueError(f"data.seq_len: {config.data.seq_len} is longer than model.max_seq_len {model.max_seq_len}")
+    return config
+
+
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"training config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from err
+    for override in overrides:
+        apply_override(data, override)
+    try:
+        return train_config_from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from err

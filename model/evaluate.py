@@ -1,0 +1,143 @@
+"""Evaluation with the LVM protocol, and data ablations.
+
+    uvd eval OUT_OR_CHECKPOINT --data HELD_OUT_RUN ... [--json]
+    uvd ablate recipes/train/tiny.yaml --leave-out imagenet_groups
+
+Per task, on held-out shards: annotated pairs ({x1, y1, ...}): 5 (input, annotation) pairs and
+a query image as the prompt (11 images), perplexity of the query's annotation (256 tokens);
+video tasks (`video_*`): 15 frames, perplexity of the next frame. Plus the overall perplexity
+of packed held-out windows.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig
+from model.data import PackedLoader, iter_sentences
+from model.llama import LLaMA
+
+logger = logging.getLogger(__name__)
+
+NUM_PAIRS = 5  # in-context (input, annotation) pairs
+NUM_VIDEO_CONTEXT = 15  # frames before the predicted one
+
+
+def task_kind(task: str) -> str | None:
+    """'video' (frames -> next frame), 'pairs' ({x1, y1, ...} layout) or None (not evaluated per task)."""
+    if task.startswith("video"):
+        return "video"
+    if task == "single" or task.startswith(("category", "multiview")):
+        return None
+    return "pairs"
+
+
+def eval_examples(runs: list[str | Path], max_per_task: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """task -> [(context tokens, target tokens)], the first `max_per_task` long-enough sentences of each task."""
+    examples: dict[str, list] = {}
+    for _, task, tokens in iter_sentences(runs):
+        kind = task_kind(task)
+        num_context = NUM_VIDEO_CONTEXT if kind == "video" else 2 * NUM_PAIRS + 1
+        if kind is None or len(tokens) < (num_context + 1) * TOKENS_PER_IMAGE:
+            continue
+        found = examples.setdefault(task, [])
+        if len(found) < max_per_task:
+            split = num_context * TOKENS_PER_IMAGE
+            found.append((tokens[:split], tokens[split : split + TOKENS_PER_IMAGE]))
+    return examples
+
+
+@torch.no_grad()
+def target_perplexity(model: LLaMA, examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 4) -> float:
+    """exp(mean NLL) of the target tokens given `[BOS] context`; examples of one task share their length."""
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for i in range(0, len(examples), batch_size):
+        batch = examples[i : i + batch_size]
+        ids = torch.tensor(np.stack([np.concatenate([[BOS_ID], c, t]) for c, t in batch]), dtype=torch.long, device=device)
+        x, y = ids[:, :-1], ids[:, 1:].clone()
+        num_target = len(batch[0][1])
+        y[:, : y.shape[1] - num_target] = -100
+        logits, _ = model(x)
+        nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
+        count += num_target * len(batch)
+    return math.exp(nll / count)
+
+
+@torch.no_grad()
+def heldout_perplexity(model: LLaMA, runs: list[str | Path], seq_len: int, num_windows: int, batch_size: int = 4) -> float:
+    """Perplexity of the first `num_windows` packed windows (natural mix, seed 0) of the held-out runs."""
+    device = next(model.parameters()).device
+    loader = PackedLoader(runs, seq_len, batch_size, shuffle_buffer=1, seed=0)
+    losses = []
+    for _ in range(math.ceil(num_windows / batch_size)):
+        x, y = loader.next_batch()
+        _, loss = model(x.to(device), y.to(device))
+        losses.append(loss.item())
+    return math.exp(sum(losses) / len(losses))
+
+
+def evaluate(model: LLaMA, runs: list[str | Path], max_prompts_per_task: int = 20, num_windows: int = 8,
+             batch_size: int = 4, seq_len: int | None = None) -> dict[str, Any]:
+    was_training = model.training
+    model.eval()
+    tasks = {}
+    for task, examples in sorted(eval_examples(runs, max_prompts_per_task).items()):
+        tasks[task] = {"kind": task_kind(task), "prompts": len(examples),
+                       "perplexity": target_perplexity(model, examples, batch_size)}
+    seq_len = seq_len or min(4096, model.config.max_seq_len)
+    heldout = {"windows": num_windows, "seq_len": seq_len,
+               "perplexity": heldout_perplexity(model, runs, seq_len, num_windows, batch_size)}
+    model.train(was_training)
+    return {"tasks": tasks, "heldout": heldout}
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    """Perplexity per task (rows) and variant (columns), side by side."""
+    names = list(results)
+    tasks = sorted({t for r in results.values() for t in r["tasks"]})
+    width = max([12, *map(len, names)]) + 2
+    label = max([24, *(len(t) + 2 for t in tasks)])
+    lines = ["perplexity".ljust(label) + "".join(n.rjust(width) for n in names)]
+    for task in tasks:
+        cells = [f"{r['tasks'][task]['perplexity']:.2f}" if task in r["tasks"] else "-" for r in results.values()]
+        lines.append(task.ljust(label) + "".join(c.rjust(width) for c in cells))
+    cells = [f"{r['heldout']['perplexity']:.2f}" for r in results.values()]
+    lines.append("held-out (all tokens)".ljust(label) + "".join(c.rjust(width) for c in cells))
+    return "\n".join(lines)
+
+
+def ablation_variants(config: TrainConfig, leave_out: list[str]) -> dict[str, TrainConfig]:
+    """'all' plus one variant per left-out component (SOURCE or SOURCE/TASK), each in its own folder."""
+    variants = {"all": config}
+    for key in leave_out:
+        variant = copy.deepcopy(config)
+        variant.data.mixture = {k: v for k, v in variant.data.mixture.items() if not k.startswith(f"{key}/")}
+        variant.data.mixture[key] = 0.0
+        variants[f"no_{key.replace('/', '_')}"] = variant
+    for name, variant in variants.items():
+        variant.train.out = str(Path(config.train.out) / name)
+    return variants
+
+
+def ablate(config: TrainConfig, leave_out: list[str], eval_runs: list[str] | None = None) -> dict[str, Any]:
+    """Train one run per variant, everything else equal, and evaluate each on the same held-out runs."""
+    from model.train import load_model, train
+
+    eval_runs = eval_runs or config.eval.runs or config.data.runs
+    results = {}
+    for name, variant in ablation_variants(config, leave_out).items():
+        logger.info("ablation variant %s -> %s", name, variant.train.out)
+        summary = train(variant)
+        model = load_model(variant.train.out)
+        results[name] = evaluate(model, eval_runs, config.eval.max_prompts_per_task, config.eval.num_windows,
+                                 config.eval.batch_size, min(config.data.seq_len, 4096))
+        results[name]["token_shares"] = summary["token_shares"]
+    return results

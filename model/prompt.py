@@ -1,0 +1,125 @@
+"""Prompting a trained LVM: sequential (frames -> next frames) and analogy (pairs + query -> answer).
+
+    uvd prompt OUT --data RUN --mode analogy --task colorization --out sheet.png
+    uvd prompt OUT --data RUN --mode sequential --task video_s10 --context 4 --generate 2
+
+Prompts come from a sentence of the shards; tokens are sampled one by one (temperature, top-k,
+top-p) with a KV cache, only among visual ids, decoded to pixels by the registered tokenizer
+stage (the one that made the shards, read from the run's `_recipe.yaml`, unless given) and
+written as a contact sheet: the prompt row, then the generated images next to the true ones.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image, ImageDraw
+
+from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
+from model.data import iter_sentences
+from model.llama import LLaMA
+from uvd.manifest import RECIPE_FILE, find_runs, read_manifest
+from uvd.registry import get_tokenizer_stage
+
+logger = logging.getLogger(__name__)
+
+
+def find_sentence(runs: list[str | Path], task: str | None, index: int, min_images: int) -> tuple[str, np.ndarray]:
+    """(task, tokens) of the index-th sentence of `task` (any task if None) with at least `min_images` images."""
+    seen = 0
+    for _, sentence_task, tokens in iter_sentences(runs):
+        if (task is None or sentence_task == task) and len(tokens) >= min_images * TOKENS_PER_IMAGE:
+            if seen == index:
+                return sentence_task, tokens
+            seen += 1
+    raise ValueError(f"--task {task}: found {seen} sentence(s) with >= {min_images} images, need index {index}")
+
+
+def generate_images(model: LLaMA, context: np.ndarray, num_images: int, temperature: float = 1.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
+    """context: visual ids of whole images -> (num_images, 256) sampled visual ids."""
+    device = next(model.parameters()).device
+    prompt = torch.tensor(np.concatenate([[BOS_ID], context]), dtype=torch.long, device=device)[None]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = model.generate(prompt, num_images * TOKENS_PER_IMAGE, temperature, top_k, top_p,
+                         allowed=NUM_VISUAL_TOKENS, generator=generator)
+    return ids[0].cpu().numpy().reshape(num_images, TOKENS_PER_IMAGE)
+
+
+def run_tokenizer_options(runs: list[str | Path]) -> dict[str, Any]:
+    """The tokenizer (config, weights, seed) that made the first run's shards, from its `_recipe.yaml`."""
+    for root in runs:
+        for run in find_runs(Path(root)):
+            path = run / RECIPE_FILE
+            if path.is_file():
+                tok = (yaml.safe_load(path.read_text()) or {}).get("tokenizer", {})
+                return {"config": tok.get("config", "lvm"), "weights": tok.get("weights"), "seed": tok.get("seed", 0),
+                        "sha": (read_manifest(run) or {}).get("tokenizer", {}).get("weights_sha256")}
+    return {"config": "lvm", "weights": None, "seed": 0, "sha": None}
+
+
+def decode(tokens: np.ndarray, config: str | dict | None, weights: str | None, seed: int = 0,
+           expected_sha: str | None = None) -> np.ndarray:
+    """(N, 256) visual ids -> (N, H, W, 3) uint8 with the registered tokenizer stage (import tokenizer first)."""
+    stage = get_tokenizer_stage()(config if weights is None else None, weights=weights, device="cpu", seed=seed)
+    if expected_sha and stage.info["weights_sha256"] != expected_sha:
+        logger.warning("tokenizer %s is not the one that made the shards (%s...)", stage.info["id"], expected_sha[:12])
+    return stage.decode_tokens(tokens.astype(np.uint16))
+
+
+def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, size: int = 128) -> Path:
+    """One labelled row per entry, images resized to `size`; written as PNG."""
+    pad, label_w = 4, 110
+    cols = max(len(images) for _, images in rows)
+    sheet = Image.new("RGB", (label_w + cols * (size + pad) + pad, len(rows) * (size + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (label, images) in enumerate(rows):
+        y = pad + r * (size + pad)
+        draw.text((pad, y + size // 2 - 6), label, fill="black")
+        for c, image in enumerate(images):
+            sheet.paste(Image.fromarray(image).resize((size, size), Image.NEAREST), (label_w + pad + c * (size + pad), y))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "analogy", task: str | None = None,
+           index: int = 0, num_context: int | None = None, num_generate: int = 1, temperature: float = 1.0,
+           top_k: int | None = 100, top_p: float | None = None, seed: int = 0,
+           tokenizer_config: str | None = None, tokenizer_weights: str | None = None) -> dict[str, Any]:
+    """Build a prompt from a sentence, sample `num_generate` images, decode and write the contact sheet.
+
+    analogy: `num_context` (input, annotation) pairs (default 5) + the next input -> its annotation.
+    sequential: the first `num_context` images (default 15) -> the next `num_generate` images.
+    """
+    if mode not in ("analogy", "sequential"):
+        raise ValueError(f"--mode: {mode!r} is not one of analogy, sequential")
+    if mode == "analogy":
+        num_context = 2 * (num_context or 5) + 1
+        num_generate = 1
+    else:
+        num_context = num_context or 15
+    max_images = model.config.max_seq_len // TOKENS_PER_IMAGE
+    if num_context + num_generate > max_images or (num_context + num_generate) * TOKENS_PER_IMAGE + 1 > model.config.max_seq_len:
+        raise ValueError(f"prompt of {num_context} + {num_generate} images does not fit max_seq_len {model.config.max_seq_len}")
+    found_task, tokens = find_sentence(runs, task, index, num_context)
+    context = tokens[: num_context * TOKENS_PER_IMAGE]
+    truth = tokens[num_context * TOKENS_PER_IMAGE : (num_context + num_generate) * TOKENS_PER_IMAGE]
+    generated = generate_images(model, context, num_generate, temperature, top_k, top_p, seed)
+    tok = run_tokenizer_options(runs)
+    if tokenizer_config is not None or tokenizer_weights is not None:
+        tok = {"config": tokenizer_config, "weights": tokenizer_weights, "seed": tok["seed"], "sha": None}
+    all_tokens = np.concatenate([context.reshape(-1, TOKENS_PER_IMAGE), generated, truth.reshape(-1, TOKENS_PER_IMAGE)])
+    images = decode(all_tokens, tok["config"], tok["weights"], tok["seed"], tok["sha"])
+    prompt_images = list(images[:num_context])
+    rows = [("prompt", prompt_images), ("generated", list(images[num_context : num_context + num_generate]))]
+    if len(truth):
+        rows.append(("true", list(images[num_context + num_generate :])))
+    path = contact_sheet(rows, out)
+    return {"path": str(path), "task": found_task, "mode": mode, "context_images": num_context,
+            "generated_tokens": generated}

@@ -1,0 +1,90 @@
+"""`paired_folders`: pairs a dataset gives as two folders (input, target) matched by name.
+
+    uvd run recipes/paired_folders.yaml --set inputs=/data/rain100h --set sentence.task=deraining
+
+For style transfer, deraining, denoising, low-light enhancement, stereo (left -> right), ...:
+each root holds `<input_dir>/NAME.ext` and `<target_dir>/NAME.ext` (extensions may differ).
+One unit per root; the recipe names the task. An input without target is `missing_annotation`,
+a target without input `missing_image`; 8 pairs make a sentence {x1, y1, ... x8, y8}.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pipelines import pairing as P
+from uvd.records import Item, Reject, Sentence
+from uvd.registry import register_source
+from uvd.source import Source, UnitImages, resolve_inputs
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+EXAMPLE_TASKS = ("style_transfer", "deraining", "denoising", "low_light", "stereo")
+
+
+@dataclass
+class PairedOptions(P.PairingOptions):
+    task: str = "paired"  # the task name in the shards: deraining, denoising, low_light, stereo, ...
+    input_dir: str = "input"  # folder of inputs under each root (stereo: left)
+    target_dir: str = "target"  # folder of targets under each root (stereo: right)
+
+    def validate(self, path: str) -> None:
+        super().validate(path)
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", self.task) or self.task in (P.INPUT, P.TUPLE_TASK):
+            raise ValueError(f"{path}.task: {self.task!r} must be a lowercase name such as {', '.join(EXAMPLE_TASKS)}")
+        if not self.input_dir or not self.target_dir or self.input_dir == self.target_dir:
+            raise ValueError(f"{path}.input_dir/target_dir: must be two different folder names")
+
+
+@register_source
+class PairedFoldersSource(Source):
+    name = "paired_folders"
+    Options = PairedOptions
+
+    def list_units(self) -> list[str]:
+        roots = resolve_inputs(self.recipe.inputs)
+        o = self.options
+        for root in roots:
+            if not (root / o.input_dir).is_dir() or not (root / o.target_dir).is_dir():
+                raise ValueError(
+                    f"inputs: {root} needs folders {o.input_dir}/ and {o.target_dir}/ "
+                    "(set sentence.input_dir and sentence.target_dir to your folder names)"
+                )
+        if len({r.name for r in roots}) != len(roots):
+            raise ValueError("inputs: several roots have the same folder name; keys would not be unique")
+        return [str(r) for r in roots]
+
+    def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
+        for count, item in enumerate(self._items(Path(unit))):
+            if max_items is not None and count >= max_items:
+                return
+            yield item
+
+    def _items(self, root: Path) -> Iterator[Item]:
+        o = self.options
+        inputs, targets = _by_stem(root / o.input_dir), _by_stem(root / o.target_dir)
+        for stem in sorted(inputs.keys() | targets.keys()):
+            source, target = inputs.get(stem), targets.get(stem)
+            if source is None:
+                yield P.reject_item(f"{root.name}/{o.target_dir}/{target.name}", P.MISSING_IMAGE, f"no {o.input_dir}/{stem}.*")
+                continue
+            key = f"{root.name}/{o.input_dir}/{source.name}"
+            if target is None:
+                yield P.reject_item(key, P.MISSING_ANNOTATION, f"no {o.target_dir}/{stem}.*")
+                continue
+            yield P.input_item(key, source.read_bytes())
+            yield P.target_item(f"{root.name}/{o.target_dir}/{target.name}", key, o.task, target.read_bytes())
+
+    def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+        return P.assemble_annotated(units, [self.options.task], self.options, self.rng)
+
+
+def _by_stem(folder: Path) -> dict[str, Path]:
+    by_stem: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in by_stem:
+                raise ValueError(f"{folder}: {by_stem[path.stem].name} and {path.name} have the same name; pairs would be ambiguous")
+            by_stem[path.stem] = path
+    return by_stem

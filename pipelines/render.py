@@ -1,0 +1,242 @@
+"""Annotation renderers: every annotation becomes an RGB image, (H, W, 3) uint8.
+
+Pure numpy/OpenCV functions, usable on their own; the annotated sources call them inside
+`read_unit`. A malformed annotation raises `AnnotationError(reason, detail)`, which the
+source turns into a reject. Palettes and colors are fixed, so the same class, category or
+limb has the same color in every dataset.
+"""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# Reject reasons of malformed annotations (see also pipelines/pairing.py).
+BAD_ANNOTATION = "bad_annotation"
+BAD_BOX = "bad_box"
+BAD_KEYPOINTS = "bad_keypoints"
+MISMATCHED_ANNOTATION = "mismatched_annotation"
+
+
+class AnnotationError(Exception):
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def _voc_palette(n: int = 256) -> np.ndarray:
+    """The PASCAL VOC label colormap (bit-interleaved class id): class 0 black, 1 (128,0,0), ..."""
+    palette = np.zeros((n, 3), np.uint8)
+    for label in range(n):
+        c, r, g, b = label, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= ((c >> 0) & 1) << shift
+            g |= ((c >> 1) & 1) << shift
+            b |= ((c >> 2) & 1) << shift
+            c >>= 3
+        palette[label] = (r, g, b)
+    return palette
+
+
+# Segmentation: class id -> RGB, the VOC colormap for ids 0..254; IGNORE_LABEL (255) -> black.
+PALETTE = _voc_palette()
+IGNORE_LABEL = 255
+PALETTE[IGNORE_LABEL] = (0, 0, 0)
+
+
+def category_color(category_id: int) -> tuple[int, int, int]:
+    """Detection box color of a category: hue stepped by the golden ratio, full saturation."""
+    hue = int((category_id * 0.618033988749895 % 1.0) * 180)  # OpenCV hue range is 0..179
+    hsv = np.array([[[hue, 255, 255]]], np.uint8)
+    return tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
+
+
+def render_segmentation(labels: np.ndarray, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
+    """(H, W) integer class ids -> (H, W, 3) palette colors; `ignore_label` -> black."""
+    if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
+        raise AnnotationError(BAD_ANNOTATION, f"label map must be (H, W) integers, got {labels.shape} {labels.dtype}")
+    if labels.size and (labels.min() < 0 or labels.max() > 255):
+        raise AnnotationError(BAD_ANNOTATION, f"class ids must be in 0..255, got {labels.min()}..{labels.max()}")
+    out = PALETTE[labels.astype(np.int64)]
+    out[labels == ignore_label] = 0
+    return out
+
+
+def check_box(box, width: int, height: int, tolerance: float = 1.0) -> None:
+    """COCO [x, y, w, h] must have w, h > 0 and lie inside the image (within `tolerance` px)."""
+    if len(box) != 4 or not all(np.isfinite(v) for v in box):
+        raise AnnotationError(BAD_BOX, f"box {box} is not [x, y, w, h]")
+    x, y, w, h = box
+    if w <= 0 or h <= 0 or x < -tolerance or y < -tolerance or x + w > width + tolerance or y + h > height + tolerance:
+        raise AnnotationError(BAD_BOX, f"box {list(box)} outside the {width}x{height} image")
+
+
+def render_detection(image: np.ndarray, boxes: list[tuple[list[float], int]], thickness: int | None = None) -> np.ndarray:
+    """Draw each (COCO [x, y, w, h], category id) as a box outline in its category's color.
+
+    The outline lies inside the box: rows y0..y0+t-1 and y1-t+1..y1, where (x0, y0) is the
+    rounded top-left and (x1, y1) the rounded bottom-right pixel (x + w - 1, y + h - 1)."""
+    height, width = image.shape[:2]
+    t = thickness or max(2, round(max(height, width) / 160))
+    out = image.copy()
+    for box, category in boxes:
+        check_box(box, width, height)
+        x, y, w, h = box
+        x0, y0 = max(0, round(x)), max(0, round(y))
+        x1, y1 = min(width - 1, round(x + w) - 1), min(height - 1, round(y + h) - 1)
+        color = category_color(category)
+        out[y0 : y0 + t, x0 : x1 + 1] = color
+        out[max(y0, y1 - t + 1) : y1 + 1, x0 : x1 + 1] = color
+        out[y0 : y1 + 1, x0 : x0 + t] = color
+        out[y0 : y1 + 1, max(x0, x1 - t + 1) : x1 + 1] = color
+    return out
+
+
+# OpenPose body-18 keypoints, from COCO-17: nose, neck (shoulder midpoint), then right/left arms,
+# legs, eyes, ears. COCO_TO_OPENPOSE[i] is the COCO index of OpenPose joint i (-1: the neck).
+COCO_TO_OPENPOSE = (0, -1, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3)
+# OpenPose's limbs (pairs of OpenPose-18 joints) and its 18 colors, RGB, as OpenPose and
+# ControlNet's annotator draw them; limb i has color i, joint j has color j.
+OPENPOSE_LIMBS = (
+    (1, 2), (1, 5), (2, 3), (3, 4), (5, 6), (6, 7), (1, 8), (8, 9), (9, 10),
+    (1, 11), (11, 12), (12, 13), (1, 0), (0, 14), (14, 16), (0, 15), (15, 17),
+)
+OPENPOSE_COLORS = (
+    (255, 0, 0), (255, 85, 0), (255, 170, 0), (255, 255, 0), (170, 255, 0), (85, 255, 0),
+    (0, 255, 0), (0, 255, 85), (0, 255, 170), (0, 255, 255), (0, 170, 255), (0, 85, 255),
+    (0, 0, 255), (85, 0, 255), (170, 0, 255), (255, 0, 255), (255, 0, 170), (255, 0, 85),
+)
+
+
+def check_keypoints(keypoints, width: int, height: int, tolerance: float = 1.0) -> np.ndarray:
+    """COCO flat [x1, y1, v1, ... x17, y17, v17] -> (17, 3) floats; labeled joints must be in the image."""
+    kp = np.asarray(keypoints, dtype=np.float64)
+    if kp.size != 51 or not np.all(np.isfinite(kp)):
+        raise AnnotationError(BAD_KEYPOINTS, f"expected 17 (x, y, v) triples, got {kp.size} numbers")
+    kp = kp.reshape(17, 3)
+    if not np.all(np.isin(kp[:, 2], (0, 1, 2))):
+        raise AnnotationError(BAD_KEYPOINTS, f"visibility must be 0, 1 or 2, got {sorted(set(kp[:, 2]))}")
+    labeled = kp[:, 2] > 0
+    x, y = kp[labeled, 0], kp[labeled, 1]
+    if np.any(x < -tolerance) or np.any(y < -tolerance) or np.any(x > width + tolerance) or np.any(y > height + tolerance):
+        raise AnnotationError(BAD_KEYPOINTS, f"a labeled keypoint lies outside the {width}x{height} image")
+    return kp
+
+
+def openpose_joints(kp: np.ndarray, min_visibility: int = 1) -> list[tuple[float, float] | None]:
+    """(17, 3) COCO keypoints -> 18 OpenPose joints, None where not drawn."""
+    shown = [(x, y) if v >= min_visibility else None for x, y, v in kp]
+    joints = []
+    for coco in COCO_TO_OPENPOSE:
+        if coco >= 0:
+            joints.append(shown[coco])
+        elif shown[5] and shown[6]:  # neck: midpoint of the shoulders, when both are shown
+            joints.append(((shown[5][0] + shown[6][0]) / 2, (shown[5][1] + shown[6][1]) / 2))
+        else:
+            joints.append(None)
+    return joints
+
+
+def render_pose(
+    people: list, height: int, width: int, background: np.ndarray | None = None,
+    min_visibility: int = 1, thickness: int | None = None,
+) -> np.ndarray:
+    """OpenPose-style skeletons of COCO keypoint lists, on black or over `background`.
+
+    Limbs are lines in OpenPose's limb colors, joints dots in its joint colors; joints with
+    visibility below `min_visibility` (COCO: 0 unlabeled, 1 occluded, 2 visible) are skipped,
+    and so is every limb that touches one."""
+    out = np.zeros((height, width, 3), np.uint8) if background is None else background.copy()
+    t = thickness or max(2, round(max(height, width) / 100))
+    for keypoints in people:
+        joints = openpose_joints(check_keypoints(keypoints, width, height), min_visibility)
+        for i, (a, b) in enumerate(OPENPOSE_LIMBS):
+            if joints[a] and joints[b]:
+                pa, pb = (round(joints[a][0]), round(joints[a][1])), (round(joints[b][0]), round(joints[b][1]))
+                cv2.line(out, pa, pb, OPENPOSE_COLORS[i], t, lineType=cv2.LINE_8)
+        for j, joint in enumerate(joints):
+            if joint:
+                cv2.circle(out, (round(joint[0]), round(joint[1])), t + 1, OPENPOSE_COLORS[j], -1, lineType=cv2.LINE_8)
+    return out
+
+
+def render_depth(depth: np.ndarray, mode: str = "colormap") -> np.ndarray:
+    """Depth (H, W) uint16 or float -> near bright, far dark; 0, NaN and inf (no depth) -> black.
+
+    Normalized per image over the valid pixels; `colormap` uses OpenCV's INFERNO map."""
+    if depth.ndim == 3 and depth.shape[2] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2:
+        raise AnnotationError(BAD_ANNOTATION, f"depth must be (H, W), got {depth.shape}")
+    d = depth.astype(np.float64)
+    valid = np.isfinite(d) & (d > 0)
+    if not valid.any():
+        raise AnnotationError(BAD_ANNOTATION, "depth map has no valid (finite, > 0) pixel")
+    lo, hi = d[valid].min(), d[valid].max()
+    near = np.zeros_like(d)
+    near[valid] = 1.0 if hi == lo else (hi - d[valid]) / (hi - lo)
+    gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
+    if mode == "grayscale":
+        out = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    out[~valid] = 0
+    return out
+
+
+def render_normals(normals: np.ndarray) -> np.ndarray:
+    """Surface normals -> RGB: uint8 RGB images pass through; float unit vectors map
+    [-1, 1] -> [0, 255] per axis; zero vectors (no surface) -> black."""
+    if normals.ndim != 3 or normals.shape[2] != 3:
+        raise AnnotationError(BAD_ANNOTATION, f"normals must be (H, W, 3), got {normals.shape}")
+    if normals.dtype == np.uint8:
+        return normals.copy()
+    n = normals.astype(np.float64)
+    length = np.linalg.norm(n, axis=2)
+    surface = length > 0
+    if not np.all(np.isfinite(n)) or np.any(np.abs(length[surface] - 1) > 0.05):
+        raise AnnotationError(BAD_ANNOTATION, "normals must be unit vectors (or zero where there is no surface)")
+    out = np.round((np.clip(n, -1, 1) + 1) * 127.5).astype(np.uint8)
+    out[~surface] = 0
+    return out
+
+
+def render_edges(edges: np.ndarray) -> np.ndarray:
+    """Edge map (H, W) (binary or soft; uint8 0..255, bool, or float 0..1) -> gray RGB."""
+    if edges.ndim == 3:
+        edges = edges[..., 0]
+    if edges.dtype == np.uint8:
+        gray = edges
+    elif edges.dtype == bool:
+        gray = edges.astype(np.uint8) * 255
+    else:
+        gray = np.round(np.clip(edges.astype(np.float64), 0, 1) * 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def canny_edges(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Edges computed from an RGB image with OpenCV's Canny -> white edges on black."""
+    return render_edges(cv2.Canny(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), low, high))
+
+
+def grayscale(image: np.ndarray) -> np.ndarray:
+    """Colorization input: the image's luma (ITU-R 601) in all three channels."""
+    return np.repeat(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2)
+
+
+def black_boxes(image: np.ndarray, boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """Inpainting input: the image with each (x, y, w, h) box set to black."""
+    out = image.copy()
+    for x, y, w, h in boxes:
+        out[y : y + h, x : x + w] = 0
+    return out
+
+
+def random_boxes(rng, width: int, height: int, count: int, min_frac: float, max_frac: float) -> list[tuple[int, int, int, int]]:
+    """`count` boxes with sides a random fraction in [min_frac, max_frac] of the image's sides."""
+    boxes = []
+    for _ in range(count):
+        w = max(1, round(width * rng.uniform(min_frac, max_frac)))
+        h = max(1, round(height * rng.uniform(min_frac, max_frac)))
+        boxes.append((rng.randint(0, width - w), rng.randint(0, height - h), w, h))
+    return boxes
