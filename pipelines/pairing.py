@@ -180,7 +180,7 @@ def assemble_annotated(
             if image.key in used:
                 continue
             if role == INPUT and len(group) == 1:
-                yield Reject(image.key, UNPAIRED, "no annotation of it survived", unit_of[image.key])
+                yield Reject(image.key, UNPAIRED, "none of its annotations or targets survived", unit_of[image.key])
             elif INPUT not in group:
                 yield Reject(image.key, UNPAIRED, f"its input {pair} was rejected", unit_of[image.key])
             elif role != INPUT and role not in tasks:

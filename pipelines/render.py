@@ -117,9 +117,10 @@ def check_keypoints(keypoints, width: int, height: int, tolerance: float = 1.0) 
     if not np.all(np.isin(kp[:, 2], (0, 1, 2))):
         raise AnnotationError(BAD_KEYPOINTS, f"visibility must be 0, 1 or 2, got {sorted(set(kp[:, 2]))}")
     labeled = kp[:, 2] > 0
-    x, y = kp[labeled, 0], kp[labeled, 1]
-    if np.any(x < -tolerance) or np.any(y < -tolerance) or np.any(x > width + tolerance) or np.any(y > height + tolerance):
-        raise AnnotationError(BAD_KEYPOINTS, f"a labeled keypoint lies outside the {width}x{height} image")
+    outside = labeled & ((kp[:, 0] < -tolerance) | (kp[:, 1] < -tolerance) | (kp[:, 0] > width + tolerance) | (kp[:, 1] > height + tolerance))
+    if outside.any():
+        joints = ", ".join(f"{j} at ({kp[j, 0]:g}, {kp[j, 1]:g})" for j in np.flatnonzero(outside))
+        raise AnnotationError(BAD_KEYPOINTS, f"labeled keypoint(s) {joints} outside the {width}x{height} image")
     return kp
 
 

@@ -77,7 +77,12 @@ def test_two_node_cluster_gives_the_same_sentences(ray_local, world, tmp_path):
     )
     worker = None
     try:
-        time.sleep(8)
+        deadline = time.time() + 60
+        while time.time() < deadline:  # wait for the head's GCS port
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.2", port)) == 0:
+                    break
+            time.sleep(0.5)
         worker = subprocess.Popen(
             [bin_dir / "ray", "start", f"--address=127.0.0.2:{port}", "--node-ip-address=127.0.0.3", *common],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -64,6 +64,7 @@ def test_shard_rows_follow_the_contract(laion_run):
         assert len(row["tokens"]) == 256 and max(row["tokens"]) < 8192
         meta = json.loads(row["meta"])
         assert meta["image_sizes"][0][0] >= 64 and "caption" in meta
+        assert meta["tokenizer"] == manifest["tokenizer"]["id"]
     for name, counts in manifest["shards"].items():
         assert pq.read_metadata(out / name).num_rows == counts["sentences"] <= 16
     assert (out / M.RECIPE_FILE).is_file()

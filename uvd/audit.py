@@ -11,7 +11,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
-import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

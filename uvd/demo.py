@@ -6,6 +6,7 @@ on an embedded Ray, and print the statistics.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -23,25 +24,40 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 DEMO_OVERRIDES = ["tokenizer.config=small", "tokenizer.batch_size=16", "output.sentences_per_shard=32"]
 
 
+def build_world(root: Path, small: bool) -> dict:
+    """The sample world: generated afresh each time (it is deterministic, so finished runs stay valid)."""
+    from uvd.demo_world import build_demo_world
+    from uvd.demo_world_annotated import build_annotated_world
+
+    shutil.rmtree(root, ignore_errors=True)
+    world = build_demo_world(root / "images", seed=0, small=small)
+    world["annotated"] = build_annotated_world(root / "annotated", seed=0)
+    return world
+
+
 def demo_jobs(world: dict) -> list[tuple[str, list[str]]]:
     """(recipe file, overrides) for each source in the sample world."""
+    annotated = world["annotated"]
     return [
         ("laion.yaml", [f"inputs={world['laion']['path']}"]),
         ("imagenet_groups.yaml", [f"inputs={world['imagenet']['path']}"]),
+        ("coco.yaml", [f"inputs={annotated['coco']['path']}"]),
+        ("dense_annotations.yaml", [f"inputs={annotated['dense']['path']}"]),
+        ("paired_folders.yaml", [f"inputs={annotated['paired']['path']}", "sentence.task=denoising"]),
+        ("derived_pairs.yaml", [f"inputs={annotated['photos']['path']}"]),
     ]
 
 
 def run_demo(out: Path, small: bool = False, progress: bool = True) -> dict:
-    from uvd.demo_world import build_demo_world
-
     start = time.time()
     world_dir, runs_dir = out / "world", out / "runs"
-    world = build_demo_world(world_dir, seed=0, small=small)
+    world = build_world(world_dir, small)
+    overrides = DEMO_OVERRIDES + (["limits.max_reject_rate=0.5"] if small else [])  # small world: 40% broken
     print(f"sample world written to {world_dir} ({time.time() - start:.1f} s)")
     summaries = []
     with ray_session():
-        for recipe_file, overrides in demo_jobs(world):
-            recipe = load_recipe(RECIPES_DIR / recipe_file, overrides + DEMO_OVERRIDES)
+        for recipe_file, job_overrides in demo_jobs(world):
+            recipe = load_recipe(RECIPES_DIR / recipe_file, job_overrides + overrides)
             summary = run_recipe(recipe, runs_dir / recipe.source, progress=progress)
             summaries.append(summary)
             print(f"{recipe.source}: {summary.sentences} sentences, {summary.rejected} rejected, {summary.seconds:.1f} s")

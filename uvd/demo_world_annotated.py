@@ -1,8 +1,9 @@
 """Annotated sets for the sample world: a COCO-format set, a depth/normals/edges set, a paired
-folder and a photo folder, in the layouts the annotated sources read (pipelines/coco.py, dense.py,
-paired.py, derived.py). Each builder plants known-bad annotations and returns a manifest:
-`items` (rows the reader yields), `pairs` per task, `images` (tokenized images that end up in
-sentences) and the rejected keys by reason. `build_annotated_world(root)` builds all four.
+folder and a photo folder, in the layouts the annotated sources read (pipelines/coco.py,
+dense_annotations.py, paired_folders.py, derived_pairs.py). Each builder plants known-bad
+annotations and returns a manifest: `items` (rows the reader yields), `pairs` per task, `images`
+(tokenized images that end up in sentences) and the rejected keys by reason.
+`build_annotated_world(root)` builds all four.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import base64
 import io
 import json
 import logging
+import re
 from html import escape
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ th{background:#f3f3f3}td.l,th.l{text-align:left}tr.flag td{background:#fbe3e0}
 
 def _table(header: list[str], rows: list[list[Any]], left: int = 1, flags: list[bool] | None = None) -> str:
     """The first `left` columns, and text that is not a number, align left."""
-    head = "".join(f'<th class="{"l" if i < left else ""}">{escape(h)}</th>' for i, h in enumerate(header))
+    first = rows[0] if rows else []
+    head = "".join(f'<th class="{"l" if i < left or (i < len(first) and _is_text(first[i])) else ""}">{escape(h)}</th>'
+                   for i, h in enumerate(header))
     body = []
     for r, row in enumerate(rows):
         cls = ' class="flag"' if flags and flags[r] else ""
@@ -58,7 +61,7 @@ def _fmt(value: Any) -> str:
 
 
 def _is_text(value: Any) -> bool:
-    return isinstance(value, str) and not value[:1].isdigit() and value[:1] not in "+-–"
+    return isinstance(value, str) and not re.fullmatch(r"[+-]?[\d,.]+%?|–", value)
 
 
 def _pct(x: float) -> str:
@@ -206,7 +209,7 @@ def _structure(data: dict[str, Any]) -> str:
         out.append(f"<h3>{escape(s)}</h3><div class='row'>")
         for t, te in e["tasks"].items():
             hist = te["num_images_hist"]
-            out.append(histogram(list(hist), list(hist.values()), f"{t}: images per sentence", width=max(200, 60 + 28 * len(hist)),
+            out.append(histogram(list(hist), list(hist.values()), f"{t}: images / sentence", width=max(60 + 28 * len(hist), 40 + 6 * (len(t) + 20)),
                                  height=140, rotate=False))
         out.append("</div>")
         values = e["structure"]["meta_values"]

@@ -339,6 +339,7 @@ def write_sentences(
         if isinstance(obj, Reject):
             rejects.append(obj)
             continue
+        obj.meta["tokenizer"] = manifest["tokenizer"]["id"]  # rows stay traceable when runs are mixed
         row = obj.to_row(recipe.source)
         assert row["id"] not in seen_ids, f"duplicate sentence id {row['id']}"
         seen_ids.add(row["id"])

@@ -80,24 +80,26 @@ def format_stats(stats: dict[str, Any]) -> str:
     for run in stats["runs"]:
         if run["status"] != "complete":
             lines.append(f"  ! {run['path']}: status {run['status']} (only its finished shards are counted)")
-    header = f"{'source':<18}{'task':<18}{'sentences':>11}{'images':>11}{'tokens':>15}{'share':>9}"
+    w = max([len("source"), *(len(n) for n in stats["by_source"])]) + 2
+    tw = max([len("task"), *(len(t) for e in stats["by_source"].values() for t in e["tasks"])]) + 2
+    header = f"{'source':<{w}}{'task':<{tw}}{'sentences':>11}{'images':>11}{'tokens':>15}{'share':>9}"
     lines += ["", header, "-" * len(header)]
     for source, entry in stats["by_source"].items():
         for task, t in sorted(entry["tasks"].items()):
             lines.append(
-                f"{source:<18}{task:<18}{t['sentences']:>11,}{t['images']:>11,}{t['tokens']:>15,}{t['token_share']:>9.1%}"
+                f"{source:<{w}}{task:<{tw}}{t['sentences']:>11,}{t['images']:>11,}{t['tokens']:>15,}{t['token_share']:>9.1%}"
             )
         if len(entry["tasks"]) > 1:
             lines.append(
-                f"{source:<18}{'(all)':<18}{entry['sentences']:>11,}{entry['images']:>11,}{entry['tokens']:>15,}"
+                f"{source:<{w}}{'(all)':<{tw}}{entry['sentences']:>11,}{entry['images']:>11,}{entry['tokens']:>15,}"
                 f"{entry['token_share']:>9.1%}"
             )
     t = stats["totals"]
-    lines += ["-" * len(header), f"{'total':<36}{t['sentences']:>11,}{t['images']:>11,}{t['tokens']:>15,}{1:>9.1%}", ""]
+    lines += ["-" * len(header), f"{'total':<{w + tw}}{t['sentences']:>11,}{t['images']:>11,}{t['tokens']:>15,}{1:>9.1%}", ""]
     lines.append(f"rejected inputs: {t['rejected']:,}")
     for source, entry in stats["by_source"].items():
         for reason, count in sorted(entry["rejected_by_reason"].items()):
-            lines.append(f"  {source:<16}{reason:<22}{count:>9,}")
+            lines.append(f"  {source:<{w}}{reason:<24}{count:>9,}")
     return "\n".join(lines)
 
 
