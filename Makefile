@@ -7,7 +7,7 @@ STAMP := $(VENV)/.uvd-installed
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 # Debian packages the project needs (installed only when missing; needs root or sudo).
-DEBIAN_PACKAGES ?=
+DEBIAN_PACKAGES ?= libosmesa6
 
 .PHONY: setup system demo test bench clean
 
@@ -16,12 +16,13 @@ setup: $(STAMP)
 system:
 	@bash scripts/install_system_packages.sh $(DEBIAN_PACKAGES)
 
-$(STAMP): requirements.lock pyproject.toml scripts/install_system_packages.sh
+$(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml scripts/install_system_packages.sh
 	@$(MAKE) --no-print-directory system
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
 

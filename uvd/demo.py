@@ -28,10 +28,12 @@ def build_world(root: Path, small: bool) -> dict:
     """The sample world: generated afresh each time (it is deterministic, so finished runs stay valid)."""
     from uvd.demo_world import build_demo_world
     from uvd.demo_world_annotated import build_annotated_world
+    from uvd.demo_world_media import build_media_world
 
     shutil.rmtree(root, ignore_errors=True)
     world = build_demo_world(root / "images", seed=0, small=small)
     world["annotated"] = build_annotated_world(root / "annotated", seed=0)
+    world["media"] = build_media_world(root / "media", seed=0)
     return world
 
 
@@ -45,6 +47,9 @@ def demo_jobs(world: dict) -> list[tuple[str, list[str]]]:
         ("dense_annotations.yaml", [f"inputs={annotated['dense']['path']}"]),
         ("paired_folders.yaml", [f"inputs={annotated['paired']['path']}", "sentence.task=denoising"]),
         ("derived_pairs.yaml", [f"inputs={annotated['photos']['path']}"]),
+        ("video.yaml", [f"inputs={world['media']['video']['path']}"]),
+        ("objaverse.yaml", [f"inputs={world['media']['meshes']['path']}"]),
+        ("annotated_video.yaml", [f"inputs={world['media']['annotated_video']['path']}"]),
     ]
 
 

@@ -1,0 +1,98 @@
+"""Benchmark: multi-view renders/s per core through the Ray read stage (objaverse source:
+load, normalize, 24 views at 256x256, offscreen), against a plain single-process loop
+rendering the same meshes with the same renderer, in the same run.
+
+    PYOPENGL_PLATFORM=osmesa .venv/bin/python bench/render.py [--copies 4] [--cpus N]
+
+Meshes: the sample world's primitives (about 1k faces) and a 20k-face icosphere, each copied
+`--copies` times.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pipelines  # noqa: E402,F401
+from pipelines.objaverse import ObjaverseSource  # noqa: E402
+from uvd.demo_world_media import build_mesh_world  # noqa: E402
+from uvd.recipe import recipe_from_dict  # noqa: E402
+from uvd.runner import read_and_preprocess  # noqa: E402
+from uvd.runtime import configure_data_context  # noqa: E402
+
+
+def plain_loop(source: ObjaverseSource, units: list[str]) -> tuple[int, float]:
+    start = time.perf_counter()
+    views = sum(1 for unit in units for item in source.read_unit(unit) if not item.reject)
+    return views, time.perf_counter() - start
+
+
+def ray_path(source: ObjaverseSource, units: list[str]) -> tuple[int, float]:
+    import ray
+
+    recipe = source.recipe
+    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
+    ds = ds.map_batches(
+        read_and_preprocess,
+        fn_kwargs={"source": source, "max_items": None, "image": recipe.image, "filters": recipe.filters},
+        batch_size=1,
+        batch_format="numpy",
+    )
+    start = time.perf_counter()
+    count = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
+    return count, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+    os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
+
+    import ray
+    import trimesh
+
+    with tempfile.TemporaryDirectory() as tmp:
+        world = build_mesh_world(Path(tmp) / "world", seed=0)
+        meshes = Path(tmp) / "meshes"
+        meshes.mkdir()
+        sphere = trimesh.creation.icosphere(subdivisions=5)  # 20,480 faces
+        sphere.visual.face_colors = (90, 140, 200, 255)
+        sphere.export(meshes / "sphere.glb")
+        for name in world["meshes"]:
+            shutil.copy(Path(world["path"]) / name, meshes / name)
+        for path in sorted(meshes.iterdir()):
+            for c in range(1, args.copies):
+                shutil.copy(path, meshes / f"{path.stem}_copy{c}{path.suffix}")
+        source = ObjaverseSource(recipe_from_dict({"source": "objaverse", "inputs": str(meshes)}))
+        units = source.list_units()
+        plain_loop(source, units[:1])  # warm imports and the GL context
+        n_plain, t_plain = plain_loop(source, units)
+
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        configure_data_context()
+        ray_path(source, units[:2])  # warm the workers
+        n_ray, t_ray = ray_path(source, units)
+        ray.shutdown()
+
+    assert n_plain == n_ray, (n_plain, n_ray)
+    plain = n_plain / t_plain
+    print(f"{len(units)} meshes x 24 views at 256x256, {os.environ['PYOPENGL_PLATFORM']}")
+    print(f"plain loop, 1 process   : {plain:8.1f} renders/s = {plain:8.1f} /core")
+    print(f"Ray stage, {args.cpus} CPUs        : {n_ray / t_ray:8.1f} renders/s = {n_ray / t_ray / args.cpus:8.1f} /core (+ 256x256 preprocess)")
+    print(f"ratio (Ray per core / plain per core): {n_ray / t_ray / args.cpus / plain:.2f}")
+
+
+if __name__ == "__main__":
+    main()

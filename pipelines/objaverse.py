@@ -1,0 +1,155 @@
+"""`objaverse`: multi-view renders of 3D objects, 24 azimuths cut to 16-view sentences (task `multiview`).
+
+    uvd run recipes/objaverse.yaml --set inputs=/data/meshes --out out/objaverse
+
+One unit per mesh file (GLB, GLTF, OBJ) under `inputs`; with `sentence.uids`, the `objaverse`
+package first fetches those objects into its cache folder `inputs` (network needed), whose
+layout (`glbs/<group>/<uid>.glb`) is then read like any folder. `read_unit` renders, inside the
+Ray task, only the views some sentence uses (pipelines/mesh_render.py); each view is one item
+`<mesh>#v<view:02d>` whose meta holds its camera. A broken mesh is a `broken_mesh` reject.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from pipelines.mesh_render import NUM_VIEWS, PLATFORMS, YFOV, MeshError, MeshRenderer, multiview_cameras
+from uvd import records as R
+from uvd.records import Item, Reject, Sentence
+from uvd.registry import register_source
+from uvd.source import Source, UnitImages, resolve_inputs
+
+BROKEN_MESH = "broken_mesh"
+INCOMPLETE_WINDOW = "incomplete_window"  # a view whose windows all lost another view
+
+
+@dataclass
+class ObjaverseOptions:
+    renderer: str = "auto"  # auto (EGL with an NVIDIA GPU, else OSMesa), osmesa, egl
+    resolution: int = 256  # rendered side, pixels
+    background: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])  # RGB in [0, 1]
+    radius: list[float] = field(default_factory=lambda: [1.5, 2.2])  # camera distance, uniform, unit-bound object
+    elevation: list[float] = field(default_factory=lambda: [-45.0, 45.0])  # degrees, uniform, one per object
+    cut: str = "sliding"  # first: views 1-16 only; sliding: windows of `window` views every `window_step` views
+    window: int = 16  # views per sentence (the 16-image context)
+    window_step: int = 8  # sliding: 16 views every 8 -> views 0-15 and 8-23
+    uids: list[str] = field(default_factory=list)  # Objaverse UIDs to fetch into `inputs` first (objaverse package)
+    download_processes: int = 1
+    extensions: list[str] = field(default_factory=lambda: ["glb", "gltf", "obj"])
+
+    def validate(self, path: str) -> None:
+        if self.renderer not in PLATFORMS:
+            raise ValueError(f"{path}.renderer: {self.renderer!r} is not one of {', '.join(PLATFORMS)}")
+        if self.cut not in ("first", "sliding"):
+            raise ValueError(f"{path}.cut: {self.cut!r} is not one of first, sliding")
+        if not 1 <= self.window <= min(16, NUM_VIEWS):
+            raise ValueError(f"{path}.window: must be in 1..16, got {self.window}")
+        if self.window_step < 1:
+            raise ValueError(f"{path}.window_step: must be >= 1, got {self.window_step}")
+        if self.resolution < 16:
+            raise ValueError(f"{path}.resolution: must be >= 16, got {self.resolution}")
+        if len(self.background) != 3 or not all(0.0 <= c <= 1.0 for c in self.background):
+            raise ValueError(f"{path}.background: expected 3 floats in [0, 1], got {self.background}")
+        for name, lo in (("radius", 0.0), ("elevation", -90.0)):
+            value = getattr(self, name)
+            if len(value) != 2 or value[0] > value[1] or value[0] < lo or (name == "elevation" and value[1] > 90):
+                raise ValueError(f"{path}.{name}: expected [low, high] with low <= high, got {value}")
+        if self.radius[0] <= 0:
+            raise ValueError(f"{path}.radius: must be > 0, got {self.radius}")
+        if self.download_processes < 1:
+            raise ValueError(f"{path}.download_processes: must be >= 1, got {self.download_processes}")
+
+
+def view_windows(options: ObjaverseOptions) -> list[list[int]]:
+    """The views of each sentence, out of the 24 rendered azimuths."""
+    if options.cut == "first":
+        return [list(range(options.window))]
+    starts = range(0, NUM_VIEWS - options.window + 1, options.window_step)
+    return [list(range(s, s + options.window)) for s in starts]
+
+
+def view_key(mesh: str, view: int) -> str:
+    return f"{mesh}#v{view:02d}"
+
+
+def fetch_objaverse(uids: list[str], cache: Path, download_processes: int = 1) -> dict[str, str]:
+    """uid -> local path, via the objaverse package with its cache pointed at `cache`."""
+    try:
+        import objaverse
+    except ImportError:
+        raise ValueError("sentence.uids: needs the `objaverse` package (pip install objaverse==0.1.7)") from None
+    cache.mkdir(parents=True, exist_ok=True)
+    objaverse._VERSIONED_PATH = str(cache)  # the package reads its base path at call time
+    return objaverse.load_objects(uids, download_processes=download_processes)
+
+
+@register_source
+class ObjaverseSource(Source):
+    name = "objaverse"
+    Options = ObjaverseOptions
+
+    def list_units(self) -> list[str]:
+        if self.options.uids:  # on the driver, once: the read tasks only see the cache
+            if len(self.recipe.inputs) != 1:
+                raise ValueError("inputs: with sentence.uids, give one folder: the objaverse cache to download into")
+            fetch_objaverse(self.options.uids, Path(self.recipe.inputs[0]).expanduser(), self.options.download_processes)
+        return [str(p) for p in self._meshes()]
+
+    def _meshes(self) -> dict[Path, str]:
+        """Absolute path -> the name used in keys (relative to its input folder)."""
+        if getattr(self, "_names", None) is None:
+            suffixes = {"." + e.lower().lstrip(".") for e in self.options.extensions}
+            names: dict[Path, str] = {}
+            for root in resolve_inputs(self.recipe.inputs):
+                if root.is_dir():
+                    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
+                        names[path] = path.relative_to(root).as_posix()
+                else:
+                    names[root] = root.name
+            if len(set(names.values())) != len(names):
+                raise ValueError("inputs: two meshes would get the same key (same relative path under several inputs)")
+            self._names = names
+        return self._names
+
+    def cameras(self, name: str) -> list[dict]:
+        o = self.options
+        return multiview_cameras(name, self.recipe.seed, tuple(o.radius), tuple(o.elevation))
+
+    def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
+        path = Path(unit)
+        name = self._meshes().get(path, path.name)
+        if path.stat().st_size == 0:
+            yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
+            return
+        needed = sorted({v for w in view_windows(self.options) for v in w})[:max_items]
+        cameras = [self.cameras(name)[v] for v in needed]
+        renderer = MeshRenderer(self.options.resolution, self.options.background, self.options.renderer)
+        try:
+            views = list(renderer.render(path, cameras))  # 16-24 small images: fine to hold
+        except MeshError as err:
+            yield Item(name, reject=BROKEN_MESH, detail=str(err)[:300])
+            return
+        for camera, pixels in views:
+            meta = {"object": name, "view": camera["view"], "camera": camera, "renderer": renderer.platform}
+            yield Item(view_key(name, camera["view"]), array=pixels, meta=meta)
+
+    def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+        for unit in units:
+            by_key = {im.key: im for im in unit.images}
+            if not by_key:
+                continue
+            name = unit.images[0].meta["object"]
+            used: set[str] = set()
+            for j, views in enumerate(view_windows(self.options)):
+                keys = [view_key(name, v) for v in views]
+                if not all(k in by_key for k in keys):
+                    continue
+                used.update(keys)
+                meta = {"object": name, "window": j, "views": views, "cameras": [by_key[k].meta["camera"] for k in keys],
+                        "yfov_deg": round(YFOV * 180 / 3.141592653589793, 4), "resolution": self.options.resolution,
+                        "background": self.options.background, "renderer": by_key[keys[0]].meta["renderer"]}
+                yield Sentence("multiview", [by_key[k] for k in keys], meta=meta)
+            for image in unit.images:
+                if image.key not in used:
+                    yield Reject(image.key, INCOMPLETE_WINDOW, "every window using this view lost another view", unit.unit)
