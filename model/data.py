@@ -14,7 +14,7 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -45,7 +45,7 @@ def find_components(runs: list[str | Path], mixture: dict[str, float] | None = N
     by_source: dict[str, dict[str, dict]] = {}  # source -> task -> {"tokens", "shards"}
     run_dirs = [run for root in runs for run in find_runs(Path(root))]
     if not run_dirs:
-        raise ValueError(f"data.runs: no run folders (with {'_manifest.json'}) under {', '.join(map(str, runs)) or '[]'}")
+        raise ValueError(f"data.runs: no run folders (with a _manifest.json) under {', '.join(map(str, runs)) or '[]'}")
     for run in run_dirs:
         manifest = read_manifest(run)
         for name, counts in sorted(manifest["shards"].items()):
@@ -184,7 +184,7 @@ class PackedLoader:
                  shuffle_buffer: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1):
         self.components = find_components(runs, mixture)
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
-        cache = ShardCache(size=2 + 2 * len(self.components))
+        cache = ShardCache(size=4 + 3 * len(self.components))  # a shuffle buffer spans a few shards
         self.streams = [ComponentStream(c, i, seed, rank, world_size, shuffle_buffer, cache)
                         for i, c in enumerate(self.components)]
         self.weights = np.array([c.weight for c in self.components])
@@ -243,14 +243,18 @@ class PackedLoader:
         return json.dumps(self.state_dict())
 
 
-def iter_sentences(runs: list[str | Path]) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(source, task, tokens) of every sentence in the listed shards, in shard and row order."""
+def iter_sentences(runs: list[str | Path], want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(source, task, tokens) of the sentences in the listed shards, in shard and row order; with
+    `want`, only tasks it accepts (asked again per shard, so it may change), skipping other shards unread."""
     for root in runs:
         for run in find_runs(Path(root)):
             manifest = read_manifest(run)
-            for name in sorted(manifest["shards"]):
+            for name, counts in sorted(manifest["shards"].items()):
+                if want is not None and not any(want(t) for t in counts.get("by_task", {})):
+                    continue
                 table = pq.read_table(run / name, columns=["source", "task", "tokens"])
                 tokens = table.column("tokens").combine_chunks()
                 flat, offsets = tokens.values.to_numpy(zero_copy_only=False), tokens.offsets.to_numpy()
                 for i, (source, task) in enumerate(zip(table.column("source").to_pylist(), table.column("task").to_pylist())):
-                    yield source, task, flat[offsets[i] : offsets[i + 1]]
+                    if want is None or want(task):
+                        yield source, task, flat[offsets[i] : offsets[i + 1]]

@@ -30,6 +30,10 @@ NUM_PAIRS = 5  # in-context (input, annotation) pairs
 NUM_VIDEO_CONTEXT = 15  # frames before the predicted one
 
 
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def task_kind(task: str) -> str | None:
     """'video' (frames -> next frame), 'pairs' ({x1, y1, ...} layout) or None (not evaluated per task)."""
     if task.startswith("video"):
@@ -42,15 +46,15 @@ def task_kind(task: str) -> str | None:
 def eval_examples(runs: list[str | Path], max_per_task: int) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
     """task -> [(context tokens, target tokens)], the first `max_per_task` long-enough sentences of each task."""
     examples: dict[str, list] = {}
-    for _, task, tokens in iter_sentences(runs):
-        kind = task_kind(task)
-        num_context = NUM_VIDEO_CONTEXT if kind == "video" else 2 * NUM_PAIRS + 1
-        if kind is None or len(tokens) < (num_context + 1) * TOKENS_PER_IMAGE:
-            continue
-        found = examples.setdefault(task, [])
-        if len(found) < max_per_task:
+
+    def want(task: str) -> bool:
+        return task_kind(task) is not None and len(examples.get(task, [])) < max_per_task
+
+    for _, task, tokens in iter_sentences(runs, want):
+        num_context = NUM_VIDEO_CONTEXT if task_kind(task) == "video" else 2 * NUM_PAIRS + 1
+        if len(tokens) >= (num_context + 1) * TOKENS_PER_IMAGE:
             split = num_context * TOKENS_PER_IMAGE
-            found.append((tokens[:split], tokens[split : split + TOKENS_PER_IMAGE]))
+            examples.setdefault(task, []).append((tokens[:split], tokens[split : split + TOKENS_PER_IMAGE]))
     return examples
 
 
@@ -65,7 +69,8 @@ def target_perplexity(model: LLaMA, examples: list[tuple[np.ndarray, np.ndarray]
         x, y = ids[:, :-1], ids[:, 1:].clone()
         num_target = len(batch[0][1])
         y[:, : y.shape[1] - num_target] = -100
-        logits, _ = model(x)
+        with _autocast(device):
+            logits, _ = model(x)
         nll += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum").item()
         count += num_target * len(batch)
     return math.exp(nll / count)
@@ -79,7 +84,8 @@ def heldout_perplexity(model: LLaMA, runs: list[str | Path], seq_len: int, num_w
     losses = []
     for _ in range(math.ceil(num_windows / batch_size)):
         x, y = loader.next_batch()
-        _, loss = model(x.to(device), y.to(device))
+        with _autocast(device):
+            _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     return math.exp(sum(losses) / len(losses))
 

@@ -23,7 +23,7 @@ from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
 from model.data import iter_sentences
 from model.llama import LLaMA
 from uvd.manifest import RECIPE_FILE, find_runs, read_manifest
-from uvd.registry import get_tokenizer_stage
+from uvd.registry import get_tokenizer_stage, register_trainer_demo
 
 logger = logging.getLogger(__name__)
 
@@ -123,3 +123,24 @@ def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "a
     path = contact_sheet(rows, out)
     return {"path": str(path), "task": found_task, "mode": mode, "context_images": num_context,
             "generated_tokens": generated}
+
+
+@register_trainer_demo
+def demo_lvm(runs: str | Path, out: str | Path, max_steps: int = 300, task: str | None = None) -> dict[str, Any]:
+    """The demo's last step: train the tiny LVM on the demo shards under `runs` (a few minutes on
+    2 CPU cores), then one analogy prompt (5 pairs + a query; category groups hold same-class
+    pairs) written as `out/analogy.png`. Resumes if `out/lvm` already holds checkpoints."""
+    from model.config import load_train_config
+    from model.train import load_model, train
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "train" / "tiny.yaml"
+    out = Path(out)
+    config = load_train_config(recipe, [f"data.runs=[{runs}]", f"train.out={out / 'lvm'}", f"train.max_steps={max_steps}",
+                                        f"train.ckpt_every={max_steps}", "train.log_every=25"])
+    summary = train(config)
+    model = load_model(out / "lvm")
+    result = prompt(model, [runs], out / "analogy.png", mode="analogy", task=task, num_context=5, temperature=1.0,
+                    top_k=100)
+    result["train"] = {k: summary[k] for k in ("step", "tokens", "token_shares")}
+    result["final_loss"] = summary["history"][-1]["loss"] if summary["history"] else None
+    return result

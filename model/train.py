@@ -147,6 +147,9 @@ def save_checkpoint(out: Path, step: int, tokens: int, raw: LLaMA, optimizer, lo
 
 def load_checkpoint(ckpt: Path, raw: LLaMA, optimizer, loader: PackedLoader, rank: int, fsdp: bool) -> dict:
     info = json.loads((ckpt / "trainer.json").read_text())
+    if info["model"] != raw.config.to_dict():
+        raise ValueError(f"train.out: {ckpt} holds a checkpoint of another model ({info['model']}); "
+                         "use another train.out or delete it")
     model_state = load_file(str(ckpt / "model.safetensors"))
     optim_state = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
     if fsdp:
@@ -201,6 +204,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         step, tokens = info["step"], info["tokens"]
         if rank == 0:
             logger.info("resumed from %s (step %d)", ckpt, step)
+            if (out / "log.jsonl").is_file():  # drop steps logged after the checkpoint (an interrupted run)
+                lines = (out / "log.jsonl").read_text().splitlines()
+                kept = [line for line in lines if json.loads(line)["step"] <= step]
+                (out / "log.jsonl").write_text("".join(line + "\n" for line in kept))
 
     writer = None
     if tc.tensorboard and rank == 0:
@@ -220,6 +227,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                     raw.num_params() / 1e6, tokens_per_step, world_size, device)
     log_path = out / "log.jsonl"
     history: list[dict[str, Any]] = []
+    pending: list[dict[str, Any]] = []  # steps since the last log line
     t_last, steps_since = time.time(), 0
     last_saved = step
     model.train()
@@ -237,7 +245,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             (loss / tc.grad_accum).backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), config.optim.grad_clip) \
-            if config.optim.grad_clip > 0 else torch.zeros(())
+            if config.optim.grad_clip > 0 else torch.zeros((), device=device)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -248,25 +256,30 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
             dist.all_reduce(loss_value, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
             if device.type != "cuda":
                 loss_value /= world_size
-        record = {"step": step, "loss": loss_value.item(), "lr": lr, "grad_norm": float(grad_norm), "tokens": tokens}
-        if step % tc.log_every == 0 or step == tc.max_steps:
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+        # Losses stay on the device until the next log step: no host sync per step.
+        pending.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.detach(), "tokens": tokens})
+        is_last = step == tc.max_steps or (stop_after is not None and step >= stop_after)
+        if step % tc.log_every == 0 or is_last:
+            values = torch.stack([torch.stack([r["loss"].float(), _local(r["grad_norm"]).float()]) for r in pending])
+            values = values.cpu().tolist()  # the one sync of this log window
             elapsed = time.time() - t_last
+            for r, (loss_v, norm_v) in zip(pending, values):
+                r["loss"], r["grad_norm"] = loss_v, norm_v
+            record = pending[-1]
             record["tokens_per_s"] = steps_since * tokens_per_step / elapsed
             record["mfu"] = record["tokens_per_s"] * flops_per_token / (peak * world_size) if peak else None
             t_last, steps_since = time.time(), 0
+            history.extend(pending)
             if rank == 0:
                 mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
                 logger.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  MFU %s", step, tc.max_steps, record["loss"],
                             lr, record["tokens_per_s"], mfu)
+                with log_path.open("a") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in pending)
                 if writer:
                     for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
                         writer.add_scalar(f"train/{key}", record[key], step)
-        history.append(record)
-        if rank == 0:
-            with log_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            pending = []
         if step % tc.ckpt_every == 0 or step == tc.max_steps:
             save_checkpoint(out, step, tokens, raw, optimizer, loader, config, rank, world_size, fsdp)
             last_saved = step
@@ -281,6 +294,11 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         writer.close()
     return {"step": step, "tokens": tokens, "history": history, "token_shares": shares,
             "weights": {c.key: c.weight for c in loader.components}, "out": str(out)}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP's grad norm) as a plain tensor."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def realized_shares(loader: PackedLoader, world_size: int, device: torch.device) -> dict[str, float]:

@@ -5,6 +5,10 @@
     uvd validate RECIPE ...
     uvd demo [--out DIR]
     uvd audit DIR [--target MIX.yaml] [--out report.html] [--json]
+    uvd train CONFIG [--set key=value ...]
+    uvd ablate CONFIG --leave-out SOURCE [...] [--set ...] [--eval-data RUN ...]
+    uvd eval MODEL --data RUN [...] [--json]
+    uvd prompt MODEL --data RUN [...] [--mode analogy|sequential] [--out sheet.png]
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 def _load_plugins() -> None:
     # The registry is filled here: uvd never imports these packages itself.
+    import model.prompt  # noqa: F401  (the demo's LVM training step)
     import pipelines  # noqa: F401
     import tokenizer  # noqa: F401
 
@@ -42,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="statistics of one run folder or a folder of runs")
     stats.add_argument("dir")
     stats.add_argument("--json", action="store_true", help="print JSON (layout in README)")
+    stats.add_argument("--codebook", action="store_true",
+                       help="also code usage per source: histogram, perplexity, dead-code share (reads the tokens)")
 
     validate = sub.add_parser("validate", help="check recipes without running them")
     validate.add_argument("recipes", nargs="*", help=f"recipe files (default: every file in {RECIPES_DIR})")
@@ -58,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build a small sample world and run the recipes on it")
     demo.add_argument("--out", default="demo_out", help="folder for the sample world and the runs")
     demo.add_argument("--small", action="store_true", help="a smaller world (faster)")
+    demo.add_argument("--no-train", action="store_true", help="skip the last step (training a tiny LVM)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     train = sub.add_parser("train", help="train the LVM on token shards (model/; torchrun for DDP/FSDP)")
@@ -98,6 +106,24 @@ def _parser() -> argparse.ArgumentParser:
     prompt.add_argument("--tokenizer-weights", help="tokenizer folder with weights")
     prompt.add_argument("--device", default="auto")
     prompt.add_argument("--out", default="prompt.png", help="contact sheet PNG")
+
+    tok = sub.add_parser("tokenizer", help="VQGAN tokenizer: convert checkpoints, train one")
+    tok_sub = tok.add_subparsers(dest="tokenizer_command", required=True)
+    convert = tok_sub.add_parser("convert", help="open-muse / diffusers / uvd checkpoint folder -> uvd folder")
+    convert.add_argument("src", help="checkpoint folder (config.json + weights; aMUSEd's repo root or its vqvae/)")
+    convert.add_argument("dst", help="output folder: config.json + model.safetensors")
+    tok_train = tok_sub.add_parser("train", help="train a VQGAN on images of UVD sources (torchrun for DDP)")
+    tok_train.add_argument("recipe", help="tokenizer training recipe (see recipes/tokenizer/)")
+    tok_train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a field, e.g. --set train.steps=100 --set out=runs/tok")
+
+    view = sub.add_parser("view", help="decode a sentence's tokens to a contact sheet, or reconstruct an image")
+    view.add_argument("target", help="a shard (.parquet) or an image file")
+    view.add_argument("--row", type=int, help="row of the shard (default 0)")
+    view.add_argument("--id", dest="sentence_id", help="sentence id in the shard")
+    view.add_argument("--out", required=True, help="PNG to write")
+    view.add_argument("--weights", help="tokenizer folder (default for a shard: the run's tokenizer)")
+    view.add_argument("--config", help="tokenizer preset for untrained weights (default: small)")
     return parser
 
 
@@ -147,7 +173,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from uvd.stats import compute_stats, format_stats
 
-    stats = compute_stats(args.dir)
+    stats = compute_stats(args.dir, codebook=args.codebook)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
     return 0
 
@@ -170,7 +196,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from uvd.demo import run_demo
 
-    run_demo(Path(args.out), small=args.small, progress=not args.quiet)
+    run_demo(Path(args.out), small=args.small, progress=not args.quiet, train_lvm=not args.no_train)
     return 0
 
 
@@ -204,6 +230,13 @@ def _device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def _end_distributed() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from model.config import load_train_config
     from model.evaluate import evaluate, format_results
@@ -211,6 +244,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, args.overrides)
     summary = train(config)
+    _end_distributed()
     shares = ", ".join(f"{k} {summary['token_shares'][k]:.1%} (weight {w:.1%})" for k, w in summary["weights"].items())
     print(f"{summary['out']}: {summary['step']} steps, {summary['tokens']:,} tokens; token shares: {shares}")
     if config.eval.runs and int(os.environ.get("RANK", 0)) == 0:
@@ -228,7 +262,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config, args.overrides)
     results = ablate(config, args.leave_out, args.eval_data)
-    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    _end_distributed()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 
 
@@ -261,7 +297,33 @@ def _warn_untrained(tokenizer_info: dict) -> None:
         )
 
 
-COMMANDS = {"run": cmd_run, "stats": cmd_stats, "validate": cmd_validate, "demo": cmd_demo, "audit": cmd_audit}
+def cmd_tokenizer(args: argparse.Namespace) -> int:
+    if args.tokenizer_command == "convert":
+        from tokenizer.checkpoints import convert
+
+        layout, cfg = convert(args.src, args.dst)
+        print(f"{args.src} ({layout} layout) -> {args.dst}: {cfg.to_dict()}")
+        return 0
+    from tokenizer.train import load_train_config, train
+
+    summary = train(load_train_config(args.recipe, args.overrides))
+    _end_distributed()
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    from tokenizer.view import view
+
+    print(view(args.target, args.out, row=args.row, sentence_id=args.sentence_id, weights=args.weights,
+               config=args.config))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "stats": cmd_stats, "validate": cmd_validate, "demo": cmd_demo, "audit": cmd_audit,
+            "train": cmd_train, "ablate": cmd_ablate, "eval": cmd_eval, "prompt": cmd_prompt}
+COMMANDS.update(tokenizer=cmd_tokenizer, view=cmd_view)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,6 +21,7 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
 # The demo runs the shipped recipes on the sample world, with the CPU-sized tokenizer
 # of the same architecture and small shards.
+DEMO_LVM_STEPS = 100  # ~2-3 min on 2 cores
 DEMO_OVERRIDES = ["tokenizer.config=small", "tokenizer.batch_size=16", "output.sentences_per_shard=32"]
 
 
@@ -53,7 +54,7 @@ def demo_jobs(world: dict) -> list[tuple[str, list[str]]]:
     ]
 
 
-def run_demo(out: Path, small: bool = False, progress: bool = True) -> dict:
+def run_demo(out: Path, small: bool = False, progress: bool = True, train_lvm: bool = True) -> dict:
     start = time.time()
     world_dir, runs_dir = out / "world", out / "runs"
     world = build_world(world_dir, small)
@@ -69,6 +70,8 @@ def run_demo(out: Path, small: bool = False, progress: bool = True) -> dict:
     stats = compute_stats(runs_dir)
     print()
     print(format_stats(stats))
+    if train_lvm:
+        _train_demo_lvm(runs_dir, out / "lvm")
     info = summaries[0].tokenizer
     if not info.get("trained", True):
         print(
@@ -77,3 +80,17 @@ def run_demo(out: Path, small: bool = False, progress: bool = True) -> dict:
         )
     print(f"\ndemo finished in {time.time() - start:.0f} s; shards under {runs_dir}")
     return stats
+
+
+def _train_demo_lvm(runs_dir: Path, out: Path) -> None:
+    """Last step: a tiny LVM trained briefly on the demo shards, and one analogy prompt."""
+    from uvd.registry import get_trainer_demo
+
+    print("\ntraining a tiny LVM on the demo shards (a few minutes on 2 cores) ...")
+    result = get_trainer_demo()(runs_dir, out, max_steps=DEMO_LVM_STEPS, task="colorization")
+    loss = result["final_loss"]
+    loss_text = f"final loss {loss:.3f}" if loss is not None else "already trained (resumed)"
+    print(
+        f"tiny LVM: {result['train']['step']} steps, {loss_text}; analogy prompt "
+        f"({result['task']}: 5 pairs + query -> generated answer) written to {result['path']}"
+    )

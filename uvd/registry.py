@@ -35,3 +35,18 @@ def get_tokenizer_stage() -> type:
     if not TOKENIZER_STAGE:
         raise RuntimeError("no tokenizer stage registered: import tokenizer")
     return TOKENIZER_STAGE[0]
+
+
+# The demo's last step (train a tiny LVM, prompt it), registered by `model/`.
+TRAINER_DEMO: list = []
+
+
+def register_trainer_demo(fn):
+    TRAINER_DEMO[:] = [fn]
+    return fn
+
+
+def get_trainer_demo():
+    if not TRAINER_DEMO:
+        raise RuntimeError("no trainer registered: import model")
+    return TRAINER_DEMO[0]
