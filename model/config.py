@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from uvd.recipe import apply_override, from_mapping
+from uvd.recipe import from_mapping, load_yaml_config
 
 # Vocabulary: visual ids 0..8191, then LVM's 100 reserved ids. LVM pads with 8192 at
 # inference; we keep that and put BOS and EOS right after it.
@@ -209,16 +209,4 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
 
 
 def load_train_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"training config not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    for override in overrides:
-        apply_override(data, override)
-    try:
-        return train_config_from_dict(data)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
+    return load_yaml_config(path, overrides, train_config_from_dict, what="training config")

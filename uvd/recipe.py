@@ -14,11 +14,13 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import yaml
 
 from uvd.registry import get_source
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -164,11 +166,12 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read a YAML recipe and apply `--set key=value` overrides (dotted keys, YAML values)."""
+def load_yaml_config(path: str | Path, overrides: list[str], build: Callable[[dict], T], what: str = "recipe") -> T:
+    """Read a YAML file, apply `--set key=value` overrides (dotted keys, YAML values), and
+    build it with `build`; every error names the file."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"recipe file not found: {path}")
+        raise ValueError(f"{what} file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
@@ -176,9 +179,14 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     for override in overrides:
         apply_override(data, override)
     try:
-        return recipe_from_dict(data)
+        return build(data)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from err
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read a YAML recipe and apply `--set key=value` overrides."""
+    return load_yaml_config(path, overrides, recipe_from_dict)
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
