@@ -16,15 +16,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
 
 import pipelines  # noqa: E402,F401
 from pipelines.laion import LaionSource  # noqa: E402
 from uvd.demo_world import build_laion_world  # noqa: E402
 from uvd.images import ImageRejected, decode_image  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from uvd.runner import read_and_preprocess  # noqa: E402
-from uvd.runtime import configure_data_context  # noqa: E402
+from bench.common import local_ray, ray_stage  # noqa: E402
 
 
 def plain_loop(source: LaionSource, units: list[str]) -> tuple[int, float]:
@@ -41,34 +40,12 @@ def plain_loop(source: LaionSource, units: list[str]) -> tuple[int, float]:
     return count, time.perf_counter() - start
 
 
-def ray_path(source: LaionSource, units: list[str], num_cpus: int) -> tuple[int, float]:
-    import ray
-
-    recipe = source.recipe
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        read_and_preprocess,
-        fn_kwargs={"source": source, "max_items": None, "image": recipe.image, "filters": recipe.filters},
-        batch_size=1,
-        batch_format="numpy",
-    )
-    start = time.perf_counter()
-    count = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
-    return count, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shards", type=int, default=8)
     parser.add_argument("--per-shard", type=int, default=150)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
-
-    import logging
-
-    import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         build_laion_world(Path(tmp), num_shards=args.shards, images_per_shard=args.per_shard, seed=1, broken=False)
@@ -78,12 +55,9 @@ def main() -> None:
         plain_loop(source, units[:1])  # warm the page cache and imports
         n_plain, t_plain = plain_loop(source, units)
 
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        configure_data_context()
-        ray_path(source, units[:2], args.cpus)  # warm the workers
-        n_ray, t_ray = ray_path(source, units, args.cpus)
-        ray.shutdown()
+        with local_ray(args.cpus):
+            ray_stage(source, units[:2])  # warm the workers
+            n_ray, t_ray = ray_stage(source, units)
 
     assert n_plain == n_ray, (n_plain, n_ray)
     plain_rate = n_plain / t_plain

@@ -10,7 +10,6 @@ Meshes: the sample world's primitives (about 1k faces) and a 20k-face icosphere,
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import shutil
 import sys
@@ -18,38 +17,19 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
 
 import pipelines  # noqa: E402,F401
 from pipelines.objaverse import ObjaverseSource  # noqa: E402
 from uvd.demo_world_media import build_mesh_world  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from uvd.runner import read_and_preprocess  # noqa: E402
-from uvd.runtime import configure_data_context  # noqa: E402
+from bench.common import local_ray, ray_stage  # noqa: E402
 
 
 def plain_loop(source: ObjaverseSource, units: list[str]) -> tuple[int, float]:
     start = time.perf_counter()
     views = sum(1 for unit in units for item in source.read_unit(unit) if not item.reject)
     return views, time.perf_counter() - start
-
-
-def ray_path(source: ObjaverseSource, units: list[str]) -> tuple[int, float]:
-    import ray
-
-    recipe = source.recipe
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        read_and_preprocess,
-        fn_kwargs={"source": source, "max_items": None, "image": recipe.image, "filters": recipe.filters},
-        batch_size=1,
-        batch_format="numpy",
-    )
-    start = time.perf_counter()
-    count = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
-    return count, time.perf_counter() - start
 
 
 def main() -> None:
@@ -59,7 +39,6 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 
-    import ray
     import trimesh
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -79,12 +58,9 @@ def main() -> None:
         plain_loop(source, units[:1])  # warm imports and the GL context
         n_plain, t_plain = plain_loop(source, units)
 
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        configure_data_context()
-        ray_path(source, units[:2])  # warm the workers
-        n_ray, t_ray = ray_path(source, units)
-        ray.shutdown()
+        with local_ray(args.cpus):
+            ray_stage(source, units[:2])  # warm the workers
+            n_ray, t_ray = ray_stage(source, units)
 
     assert n_plain == n_ray, (n_plain, n_ray)
     plain = n_plain / t_plain

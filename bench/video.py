@@ -10,21 +10,19 @@ core. Strides 10/20/30 share frames, so a frame use costs less than a decode.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
 
 import pipelines  # noqa: E402,F401
 from pipelines.video import VideoSource, plan_windows  # noqa: E402
 from uvd.demo_world_media import write_video  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from uvd.runner import read_and_preprocess  # noqa: E402
-from uvd.runtime import configure_data_context  # noqa: E402
+from bench.common import local_ray, ray_stage  # noqa: E402
 
 
 def plain_decord(source: VideoSource, units: list[str]) -> tuple[int, float]:
@@ -47,24 +45,6 @@ def uvd_single(source: VideoSource, units: list[str]) -> tuple[int, float]:
     return frames, time.perf_counter() - start
 
 
-def ray_path(source: VideoSource, units: list[str]) -> tuple[int, float]:
-    import ray
-
-    recipe = source.recipe
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        read_and_preprocess,
-        fn_kwargs={"source": source, "max_items": None, "image": recipe.image, "filters": recipe.filters},
-        batch_size=1,
-        batch_format="numpy",
-    )
-    start = time.perf_counter()
-    count = 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
-    return count, time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--videos", type=int, default=4)
@@ -74,7 +54,6 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
-    import ray
 
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.videos):
@@ -86,12 +65,9 @@ def main() -> None:
         n_uses, t_plain = plain_decord(source, units)
         n_single, t_single = uvd_single(source, units)
 
-        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False,
-                 logging_level=logging.WARNING)
-        configure_data_context()
-        ray_path(source, units[:1])  # warm the workers
-        n_ray, t_ray = ray_path(source, units)
-        ray.shutdown()
+        with local_ray(args.cpus):
+            ray_stage(source, units[:1])  # warm the workers
+            n_ray, t_ray = ray_stage(source, units)
 
     assert n_single == n_ray and n_uses == uses_per_video * args.videos, (n_single, n_ray, n_uses)
     print(f"{args.videos} videos, {args.frames} frames {args.width}x{args.height} H.264; strides 10/20/30, "

@@ -20,7 +20,7 @@ import numpy as np
 from uvd import records as R
 from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, find_input_files
 
 log = logging.getLogger(__name__)
 
@@ -184,17 +184,7 @@ class VideoSource(Source):
     def _videos(self) -> dict[Path, str]:
         """Absolute path -> the name used in keys (relative to its input folder)."""
         if getattr(self, "_names", None) is None:
-            suffixes = {"." + e.lower().lstrip(".") for e in self.options.extensions}
-            names: dict[Path, str] = {}
-            for root in resolve_inputs(self.recipe.inputs):
-                if root.is_dir():
-                    for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in suffixes):
-                        names[path] = path.relative_to(root).as_posix()
-                else:
-                    names[root] = root.name
-            if len(set(names.values())) != len(names):
-                raise ValueError("inputs: two videos would get the same key (same relative path under several inputs)")
-            self._names = names
+            self._names = find_input_files(self.recipe.inputs, self.options.extensions, "videos")
         return self._names
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:

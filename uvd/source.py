@@ -69,3 +69,19 @@ def resolve_inputs(inputs: list[str], field: str = "inputs") -> list[Path]:
             raise ValueError(f"{field}: {pattern!r} matches nothing on disk")
         paths.extend(Path(m).resolve() for m in matches)
     return paths
+
+
+def find_input_files(inputs: list[str], suffixes: Iterable[str], what: str = "files") -> dict[Path, str]:
+    """Files under the inputs (folders searched recursively) with one of `suffixes`, mapped to the
+    name used in their keys: the path relative to its input folder (or the file name)."""
+    wanted = {"." + s.lower().lstrip(".") for s in suffixes}
+    names: dict[Path, str] = {}
+    for root in resolve_inputs(inputs):
+        if root.is_dir():
+            for path in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in wanted):
+                names[path] = path.relative_to(root).as_posix()
+        else:
+            names[root] = root.name
+    if len(set(names.values())) != len(names):
+        raise ValueError(f"inputs: two {what} would get the same key (same relative path under several inputs)")
+    return names
