@@ -2,7 +2,8 @@
 
 Plain PyTorch with the taming / open-muse `VQGANModel` parameter names (`encoder.down.0.block.0.conv1`,
 `quantize.embedding`, ...) so released LVM tokenizer weights load by name. Weights travel as a
-directory with `config.json` + `model.safetensors` (`save_tokenizer` / `load_tokenizer`).
+directory with `config.json` + `model.safetensors` (`save_tokenizer` / `load_tokenizer`); `load_tokenizer`
+also reads open-muse and diffusers checkpoint folders (tokenizer/checkpoints.py).
 """
 
 from __future__ import annotations
@@ -353,14 +354,11 @@ def load_state_dict_strict(model: VQGAN, state: dict[str, torch.Tensor]) -> VQGA
 
 
 def load_tokenizer(path_dir: str | Path) -> tuple[VQGAN, VQGANConfig]:
-    """Read a directory written by `save_tokenizer` -> (model on CPU in eval mode, config)."""
-    path = Path(path_dir)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise ValueError(f"tokenizer weights directory {path} has no {name}")
-    cfg = VQGANConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    # Built on the meta device: no random init for tensors that the file replaces.
-    with torch.device("meta"):
-        model = VQGAN(cfg)
-    load_state_dict_strict(model, load_file(str(path / WEIGHTS_FILE), device="cpu"))
-    return model.eval(), cfg
+    """Read a tokenizer folder -> (model on CPU in eval mode, config).
+
+    The folder may be in our layout (`save_tokenizer`), open-muse's `VQGANModel` layout or diffusers'
+    `VQModel` layout (detected from its files; see tokenizer/checkpoints.py). Loading is exact."""
+    from tokenizer.checkpoints import load_checkpoint
+
+    model, cfg, _ = load_checkpoint(path_dir)
+    return model, cfg

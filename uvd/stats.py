@@ -3,6 +3,7 @@ images, tokens and token share; rejections by reason.
 
     uvd stats out/            # one run folder, or a parent folder of several runs (summed)
     uvd stats out/ --json     # the layout of SPEC.md's output contract
+    uvd stats out/ --codebook # plus code usage per source (histogram, perplexity, dead codes); reads the tokens
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ def _counter() -> dict[str, int]:
     return {"sentences": 0, "images": 0, "tokens": 0}
 
 
-def compute_stats(root: str | Path) -> dict[str, Any]:
+def compute_stats(root: str | Path, codebook: bool = False) -> dict[str, Any]:
+    """Counts from the manifests and shards; with `codebook`, also `by_source[NAME]["codebook"]` and a
+    `codebook` total (uvd.audit's codebook_stats of the visual ids), which reads every token."""
     root = Path(root)
     runs = M.find_runs(root)
     if not runs:
@@ -66,13 +69,59 @@ def compute_stats(root: str | Path) -> dict[str, Any]:
         entry["token_share"] = entry["tokens"] / all_tokens
         for task_entry in entry["tasks"].values():
             task_entry["token_share"] = task_entry["tokens"] / all_tokens
-    return {
+    stats = {
         "root": str(root),
         "runs": run_info,
         "totals": totals,
         "by_source": dict(sorted(by_source.items())),
         "rejected_by_reason": dict(sorted(by_reason.items())),
     }
+    if codebook:
+        add_codebook_stats(stats, root)
+    return stats
+
+
+def add_codebook_stats(stats: dict[str, Any], root: str | Path) -> None:
+    """Code usage per source and in total, counted by the audit's shard pass (no samples kept)."""
+    import numpy as np
+
+    from uvd.audit import CODEBOOK_SIZE, codebook_stats, collect
+
+    partial, _ = collect(root, num_samples=0, use_ray=False)
+    total = np.zeros(CODEBOOK_SIZE, np.int64)
+    for name, source_stats in partial.sources.items():
+        total += source_stats.codes
+        if name in stats["by_source"]:
+            stats["by_source"][name]["codebook"] = _codebook_summary(codebook_stats(source_stats.codes))
+    stats["codebook"] = _codebook_summary(codebook_stats(total))
+
+
+def _codebook_summary(book: dict[str, Any]) -> dict[str, Any]:
+    keep = ("codebook_size", "tokens", "used_codes", "dead_codes", "dead_share", "perplexity",
+            "normalized_perplexity", "use_hist", "top_codes")
+    return {k: book[k] for k in keep}
+
+
+def _format_codebook(stats: dict[str, Any]) -> list[str]:
+    rows = [(name, e["codebook"]) for name, e in stats["by_source"].items() if "codebook" in e]
+    rows.append(("total", stats["codebook"]))
+    w = max(len("source"), *(len(n) for n, _ in rows)) + 2
+    header = f"{'source':<{w}}{'tokens':>13}{'used codes':>12}{'dead':>8}{'perplexity':>12}  codes by times used"
+    lines = ["", f"codebook usage ({stats['codebook']['codebook_size']} codes)", header, "-" * len(header)]
+    for name, book in rows:
+        edges, counts = book["use_hist"]["edges"], book["use_hist"]["counts"]
+        hist = " ".join(f"{_edge_label(edges, i)}:{c}" for i, c in enumerate(counts) if c)
+        lines.append(f"{name:<{w}}{book['tokens']:>13,}{book['used_codes']:>12,}{book['dead_share']:>8.1%}"
+                     f"{book['perplexity']:>12.1f}  {hist}")
+    return lines
+
+
+def _edge_label(edges: list, i: int) -> str:
+    lo = int(edges[i])
+    if i + 1 == len(edges):
+        return f"{lo}+"
+    hi = int(edges[i + 1]) - 1
+    return str(lo) if hi == lo else f"{lo}-{hi}"
 
 
 def format_stats(stats: dict[str, Any]) -> str:
@@ -100,6 +149,8 @@ def format_stats(stats: dict[str, Any]) -> str:
     for source, entry in stats["by_source"].items():
         for reason, count in sorted(entry["rejected_by_reason"].items()):
             lines.append(f"  {source:<{w}}{reason:<24}{count:>9,}")
+    if "codebook" in stats:
+        lines += _format_codebook(stats)
     return "\n".join(lines)
 
 
