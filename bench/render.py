@@ -14,7 +14,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
@@ -23,19 +22,18 @@ import pipelines  # noqa: E402,F401
 from pipelines.objaverse import ObjaverseSource  # noqa: E402
 from uvd.demo_world_media import build_mesh_world  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from bench.common import local_ray, ray_stage  # noqa: E402
+from bench.common import compare, local_ray, print_comparison, ray_stage  # noqa: E402
 
 
-def plain_loop(source: ObjaverseSource, units: list[str]) -> tuple[int, float]:
-    start = time.perf_counter()
-    views = sum(1 for unit in units for item in source.read_unit(unit) if not item.reject)
-    return views, time.perf_counter() - start
+def plain_loop(source: ObjaverseSource, units: list[str]) -> int:
+    return sum(1 for unit in units for item in source.read_unit(unit) if not item.reject)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     os.environ.setdefault("PYOPENGL_PLATFORM", "osmesa")
 
@@ -56,19 +54,11 @@ def main() -> None:
         source = ObjaverseSource(recipe_from_dict({"source": "objaverse", "inputs": str(meshes)}))
         units = source.list_units()
         plain_loop(source, units[:1])  # warm imports and the GL context
-        n_plain, t_plain = plain_loop(source, units)
-
         with local_ray(args.cpus):
-            ray_stage(source, units[:2])  # warm the workers
-            n_ray, t_ray = ray_stage(source, units)
-
-    assert n_plain == n_ray, (n_plain, n_ray)
-    plain = n_plain / t_plain
-    print(f"{len(units)} meshes x 24 views at 256x256, {os.environ['PYOPENGL_PLATFORM']}")
-    print(f"plain loop, 1 process   : {plain:8.1f} renders/s = {plain:8.1f} /core")
-    print(f"Ray stage, {args.cpus} CPUs        : {n_ray / t_ray:8.1f} renders/s = {n_ray / t_ray / args.cpus:8.1f} /core (+ 256x256 preprocess)")
-    print(f"ratio (Ray per core / plain per core): {n_ray / t_ray / args.cpus / plain:.2f}")
-
+            ray_stage(source, units[: 2 * args.cpus])  # start every worker
+            result = compare(lambda: plain_loop(source, units), lambda: ray_stage(source, units), args.cpus, args.repeats)
+    print(f"{len(units)} meshes x 24 views at 256x256, {os.environ['PYOPENGL_PLATFORM']} (Ray adds the 256x256 preprocess)")
+    print_comparison(result, "renders", args.cpus, args.repeats)
 
 if __name__ == "__main__":
     main()
