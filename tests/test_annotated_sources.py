@@ -11,12 +11,9 @@ import pytest
 from conftest import TEST_OVERRIDES
 from pipelines import pairing as P
 from uvd import manifest as M
-from uvd.images import ImageRejected, decode_image, resize_array
 from uvd.recipe import load_recipe, recipe_from_dict
-from uvd.records import ImageRecord, Reject, Sentence
-from uvd.registry import get_source
 from uvd.runner import run_recipe
-from uvd.source import UnitImages
+from plain_run import run_plain
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 # (recipe, world set, extra overrides)
@@ -40,34 +37,6 @@ def recipe(name, annotated, *extra):
     return load_recipe(RECIPES / f"{name}.yaml", [f"inputs={annotated[world]['path']}", *overrides, *TEST_OVERRIDES, *extra])
 
 
-def run_plain(recipe):
-    """read_unit + the shared decode (no tokenizer) + assemble, on plain lists."""
-    source = get_source(recipe.source)(recipe)
-    units, rejects, num_items, pixels = [], [], 0, {}
-    for unit in source.list_units():
-        images = []
-        for item in source.read_unit(unit):
-            num_items += 1
-            if item.reject:
-                rejects.append(Reject(item.key, item.reject, item.detail, unit))
-                continue
-            try:
-                if item.array is not None:
-                    px, w, h = resize_array(item.array, recipe.image, recipe.filters)
-                else:
-                    px, w, h = decode_image(item.data, recipe.image, recipe.filters)
-            except ImageRejected as err:
-                rejects.append(Reject(item.key, err.reason, err.detail, unit))
-                continue
-            pixels[item.key] = px
-            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, w, h, item.meta))
-        units.append(UnitImages(unit, images))
-    out = list(source.assemble(units))
-    sentences = [o for o in out if isinstance(o, Sentence)]
-    rejects += [o for o in out if isinstance(o, Reject)]
-    return sentences, rejects, num_items, pixels
-
-
 def expected_tasks(name, annotated, epochs=1):
     info = annotated[JOBS[name][0]]
     tasks = {task: epochs * n // 8 for task, n in info["pairs"].items()}
@@ -79,8 +48,8 @@ def expected_tasks(name, annotated, epochs=1):
 @pytest.mark.parametrize("name", list(JOBS))
 def test_every_item_is_in_a_sentence_or_rejected_for_its_reason(name, annotated):
     info = annotated[JOBS[name][0]]
-    sentences, rejects, num_items, _ = run_plain(recipe(name, annotated, "sentence.epochs=1"))
-    assert num_items == info["items"]
+    sentences, rejects, items, _ = run_plain(recipe(name, annotated, "sentence.epochs=1"))
+    assert len(items) == info["items"]
     assert Counter(s.task for s in sentences) == expected_tasks(name, annotated)
     by_reason = {}
     for r in rejects:

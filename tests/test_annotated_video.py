@@ -12,12 +12,9 @@ from conftest import TEST_OVERRIDES
 from pipelines.annotated_video import count_images, layout_images
 from pipelines.render import PALETTE
 from uvd import manifest as M
-from uvd.images import ImageRejected, decode_image, resize_array
 from uvd.recipe import load_recipe, recipe_from_dict
-from uvd.records import ImageRecord, Reject, Sentence
-from uvd.registry import get_source
 from uvd.runner import run_recipe
-from uvd.source import UnitImages
+from plain_run import run_plain
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -33,32 +30,6 @@ def recipe(clips, *extra):
     return load_recipe(RECIPES / "annotated_video.yaml", [f"inputs={clips['path']}", *TEST_OVERRIDES, *extra])
 
 
-def run_plain(recipe):
-    """read_unit + the shared decode (no tokenizer) + assemble, on plain lists."""
-    source = get_source(recipe.source)(recipe)
-    units, rejects, num_items, pixels = [], [], 0, {}
-    for unit in source.list_units():
-        images = []
-        for item in source.read_unit(unit):
-            num_items += 1
-            if item.reject:
-                rejects.append(Reject(item.key, item.reject, item.detail, unit))
-                continue
-            try:
-                if item.array is not None:
-                    px, w, h = resize_array(item.array, recipe.image, recipe.filters)
-                else:
-                    px, w, h = decode_image(item.data, recipe.image, recipe.filters)
-            except ImageRejected as err:
-                rejects.append(Reject(item.key, err.reason, err.detail, unit))
-                continue
-            pixels[item.key] = px
-            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, w, h, item.meta))
-        units.append(UnitImages(unit, images))
-    out = list(source.assemble(units))
-    return [o for o in out if isinstance(o, Sentence)], rejects + [o for o in out if isinstance(o, Reject)], num_items, pixels
-
-
 def by_reason(rejects):
     out = {}
     for r in rejects:
@@ -72,8 +43,8 @@ def test_layouts():
 
 
 def test_every_item_is_in_a_sentence_or_rejected(clips):
-    sentences, rejects, num_items, _ = run_plain(recipe(clips))
-    assert num_items == clips["items"]
+    sentences, rejects, items, _ = run_plain(recipe(clips))
+    assert len(items) == clips["items"]
     assert Counter(s.task for s in sentences) == {"segmentation_interleaved": clips["windows"], "segmentation_grouped": clips["windows"]}
     assert by_reason(rejects) == {k: sorted(v) for k, v in clips["keys_by_reason"].items()}
     # both layouts reuse the same tokenized images: 2 per pair, each used twice

@@ -18,10 +18,8 @@ from pipelines.mesh_render import multiview_cameras  # noqa: E402
 from pipelines.objaverse import ObjaverseOptions, view_key, view_windows  # noqa: E402
 from uvd import manifest as M  # noqa: E402
 from uvd.recipe import load_recipe, recipe_from_dict  # noqa: E402
-from uvd.records import ImageRecord, Reject, Sentence  # noqa: E402
-from uvd.registry import get_source  # noqa: E402
 from uvd.runner import run_recipe  # noqa: E402
-from uvd.source import UnitImages  # noqa: E402
+from plain_run import run_plain  # noqa: E402
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -35,23 +33,6 @@ def meshes(tmp_path_factory):
 
 def recipe(path, *extra):
     return load_recipe(RECIPES / "objaverse.yaml", [f"inputs={path}", *TEST_OVERRIDES, *extra])
-
-
-def run_plain(recipe):
-    """read_unit + assemble on plain lists (renders kept by key; tokens are zeros)."""
-    source = get_source(recipe.source)(recipe)
-    units, rejects, pixels = [], [], {}
-    for unit in source.list_units():
-        images = []
-        for item in source.read_unit(unit):
-            if item.reject:
-                rejects.append(Reject(item.key, item.reject, item.detail, unit))
-                continue
-            pixels[item.key] = item.array
-            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, 256, 256, item.meta))
-        units.append(UnitImages(unit, images))
-    out = list(source.assemble(units))
-    return [o for o in out if isinstance(o, Sentence)], rejects + [o for o in out if isinstance(o, Reject)], pixels
 
 
 def test_cameras_24_azimuths_15_degrees_apart_in_range():
@@ -80,7 +61,7 @@ def test_view_windows():
 
 
 def test_renders_sentences_and_rejects(meshes):
-    sentences, rejects, pixels = run_plain(recipe(meshes["path"]))
+    sentences, rejects, _, pixels = run_plain(recipe(meshes["path"]))
     assert Counter(s.task for s in sentences) == {"multiview": 2 * len(meshes["meshes"])}
     by_reason = {}
     for r in rejects:
@@ -101,10 +82,10 @@ def test_renders_sentences_and_rejects(meshes):
 
 
 def test_same_seed_same_renders_and_first_cut(meshes):
-    first, _, px1 = run_plain(recipe(meshes["path"], "sentence.cut=first", "sentence.background=[0.0, 0.0, 0.0]"))
+    first, _, _, px1 = run_plain(recipe(meshes["path"], "sentence.cut=first", "sentence.background=[0.0, 0.0, 0.0]"))
     assert Counter(s.task for s in first) == {"multiview": len(meshes["meshes"])}
     assert {int(k[-2:]) for k in px1} == set(range(16))  # views 16-23 are never rendered
-    again, _, px2 = run_plain(recipe(meshes["path"], "sentence.cut=first", "sentence.background=[0.0, 0.0, 0.0]"))
+    again, _, _, px2 = run_plain(recipe(meshes["path"], "sentence.cut=first", "sentence.background=[0.0, 0.0, 0.0]"))
     assert [s.meta["cameras"] for s in first] == [s.meta["cameras"] for s in again]
     assert all(np.array_equal(px1[k], px2[k]) for k in px1)
     assert (px1[view_key("box.glb", 0)] == 0).all(axis=2).mean() > 0.5  # configurable background
@@ -118,7 +99,7 @@ def test_objaverse_cache_layout(meshes, tmp_path):
     shutil.copy(Path(meshes["path"]) / "box.glb", cache / "glbs" / "000-000" / f"{uid}.glb")
     with gzip.open(cache / "object-paths.json.gz", "wt") as f:
         json.dump({uid: f"glbs/000-000/{uid}.glb"}, f)
-    sentences, rejects, _ = run_plain(recipe(cache, f"sentence.uids=[{uid}]", "sentence.cut=first"))
+    sentences, rejects, _, _ = run_plain(recipe(cache, f"sentence.uids=[{uid}]", "sentence.cut=first"))
     assert [s.meta["object"] for s in sentences] == [f"glbs/000-000/{uid}.glb"] and not rejects
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import TEST_OVERRIDES
 from uvd import manifest as M
 from uvd.recipe import load_recipe
-from uvd.runner import JobFailed, run_recipe, tokenize_units
+from uvd.runner import JobFailed, run_recipe
 from uvd.stats import compute_stats
 
 RECIPES = Path(__file__).parents[1] / "recipes"

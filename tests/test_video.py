@@ -11,12 +11,11 @@ import pytest
 from conftest import TEST_OVERRIDES
 from pipelines.video import VideoOptions, decode_accounting, frame_key, plan_windows
 from uvd import manifest as M
-from uvd.images import ImageRejected, resize_array
 from uvd.recipe import load_recipe, recipe_from_dict
-from uvd.records import ImageRecord, Reject, Sentence
+from uvd.records import ImageRecord
 from uvd.registry import get_source
 from uvd.runner import run_recipe
-from uvd.source import UnitImages
+from plain_run import run_plain
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 # Sentences the default recipe makes of the world's good clips (see uvd/demo_world_media.py).
@@ -32,29 +31,6 @@ def videos(tmp_path_factory):
 
 def recipe(videos, *extra):
     return load_recipe(RECIPES / "video.yaml", [f"inputs={videos['path']}", *TEST_OVERRIDES, *extra])
-
-
-def run_plain(recipe):
-    """read_unit + the shared resize (no tokenizer) + assemble, on plain lists."""
-    source = get_source(recipe.source)(recipe)
-    units, rejects, items, pixels = [], [], [], {}
-    for unit in source.list_units():
-        images = []
-        for item in source.read_unit(unit):
-            items.append(item)
-            if item.reject:
-                rejects.append(Reject(item.key, item.reject, item.detail, unit))
-                continue
-            try:
-                px, w, h = resize_array(item.array, recipe.image, recipe.filters)
-            except ImageRejected as err:
-                rejects.append(Reject(item.key, err.reason, err.detail, unit))
-                continue
-            pixels[item.key] = px
-            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, w, h, item.meta))
-        units.append(UnitImages(unit, images))
-    out = list(source.assemble(units))
-    return [o for o in out if isinstance(o, Sentence)], rejects + [o for o in out if isinstance(o, Reject)], items, pixels
 
 
 def test_frame_indices_per_stride_are_exact():

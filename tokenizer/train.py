@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import yaml
 
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss

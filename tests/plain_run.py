@@ -1,0 +1,37 @@
+"""A source's read_unit + the shared decode/resize + assemble on plain lists: the pipeline
+without Ray and without the tokenizer (tokens are zeros; pixels are kept by key)."""
+from __future__ import annotations
+
+import numpy as np
+
+from uvd.images import ImageRejected, decode_image, resize_array
+from uvd.records import ImageRecord, Reject, Sentence
+from uvd.registry import get_source
+from uvd.source import UnitImages
+
+
+def run_plain(recipe):
+    """-> (sentences, rejects (reading and assembling), items read, {key: (256, 256, 3) pixels})."""
+    source = get_source(recipe.source)(recipe)
+    units, rejects, items, pixels = [], [], [], {}
+    for unit in source.list_units():
+        images = []
+        for item in source.read_unit(unit):
+            items.append(item)
+            if item.reject:
+                rejects.append(Reject(item.key, item.reject, item.detail, unit))
+                continue
+            try:
+                if item.array is not None:
+                    px, w, h = resize_array(item.array, recipe.image, recipe.filters)
+                else:
+                    px, w, h = decode_image(item.data, recipe.image, recipe.filters)
+            except ImageRejected as err:
+                rejects.append(Reject(item.key, err.reason, err.detail, unit))
+                continue
+            pixels[item.key] = px
+            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, w, h, item.meta))
+        units.append(UnitImages(unit, images))
+    out = list(source.assemble(units))
+    sentences = [o for o in out if isinstance(o, Sentence)]
+    return sentences, rejects + [o for o in out if isinstance(o, Reject)], items, pixels
