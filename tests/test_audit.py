@@ -161,3 +161,14 @@ def test_html_report_is_self_contained(runs, tmp_path, capsys):
         assert name in html
     total, _ = collect(runs)
     assert f"{sum(t['tokens'] for s in total.sources.values() for t in s.tasks.values()):,}" in html
+
+
+def test_sample_strip_is_the_lowest_hashed_sentence_of_each_source(runs):
+    import hashlib
+
+    _, total, _ = run_audit(runs, num_samples=2)
+    rows = shard_rows(runs)
+    for source in ("laion", "imagenet_groups"):
+        ranked = sorted(rows, key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
+        expected = [r["images"] for r in ranked if r["source"] == source][:2]
+        assert [s[1]["images"] for s in total.sources[source].samples] == expected

@@ -9,6 +9,7 @@ merged; memory does not grow with the dataset. `audit_json` lays the numbers out
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import logging
 from collections import Counter
@@ -56,7 +57,8 @@ class SourceStats:
     codes: np.ndarray = field(default_factory=lambda: np.zeros(CODEBOOK_SIZE, np.int64))
     rejected: Counter = field(default_factory=Counter)  # reason -> count
     reject_examples: dict[str, list[dict[str, str]]] = field(default_factory=dict)
-    samples: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)  # ((run, shard, row), row)
+    # A uniform, mergeable sample: the sentences whose ids hash lowest (bottom-k), as (hash, row).
+    samples: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     def merge(self, other: SourceStats, num_samples: int) -> SourceStats:
         for task, counts in other.tasks.items():
@@ -92,7 +94,7 @@ class AuditPartial:
     """Mergeable audit counters of some shards: merge(a, b) is the same as counting a's and b's shards at once."""
 
     sources: dict[str, SourceStats] = field(default_factory=dict)
-    num_samples: int = 2  # sample sentences kept per source (the first ones in run/shard/row order)
+    num_samples: int = 2  # sample sentences kept per source (uniform: lowest hash of the sentence id)
     shards: int = 0
 
     def source(self, name: str) -> SourceStats:
@@ -110,14 +112,15 @@ def shard_partial(path: str, run: str = "", num_samples: int = 2, batch_rows: in
     partial = AuditPartial(num_samples=num_samples, shards=1)
     shard = Path(path).name
     row_index = 0
-    columns = ["source", "task", "num_images", "tokens", "images", "meta"]
+    columns = ["id", "source", "task", "num_images", "tokens", "images", "meta"]
     for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
         tokens = batch.column("tokens")
         flat = pc.list_flatten(tokens).to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = tokens.offsets.to_numpy()
         offsets = offsets - offsets[0]
-        cols = batch.select(["source", "task", "num_images", "meta"]).to_pydict()
-        for i, (name, task, num_images, meta_text) in enumerate(zip(cols["source"], cols["task"], cols["num_images"], cols["meta"])):
+        cols = batch.select(["id", "source", "task", "num_images", "meta"]).to_pydict()
+        rows = zip(cols["id"], cols["source"], cols["task"], cols["num_images"], cols["meta"])
+        for i, (sentence_id, name, task, num_images, meta_text) in enumerate(rows):
             stats = partial.source(name)
             row_tokens = flat[offsets[i] : offsets[i + 1]]
             counts = stats.tasks.setdefault(task, _zeros_counts())
@@ -128,11 +131,13 @@ def shard_partial(path: str, run: str = "", num_samples: int = 2, batch_rows: in
             stats.codes += np.bincount(row_tokens[row_tokens < CODEBOOK_SIZE], minlength=CODEBOOK_SIZE)
             meta = json.loads(meta_text) if meta_text else {}
             _count_meta(stats, meta)
-            if len(stats.samples) < num_samples:
-                stats.samples.append(((run, shard, row_index + i), {
-                    "run": run, "shard": shard, "task": task, "num_images": num_images,
+            rank = hashlib.sha256(sentence_id.encode()).hexdigest()
+            if num_samples and (len(stats.samples) < num_samples or rank < stats.samples[-1][0]):
+                stats.samples.append((rank, {
+                    "run": run, "shard": shard, "row": row_index + i, "task": task, "num_images": num_images,
                     "tokens": row_tokens.astype(np.uint16), "images": batch.column("images")[i].as_py(),
                 }))
+                stats.samples = sorted(stats.samples, key=lambda s: s[0])[:num_samples]
         row_index += batch.num_rows
     return partial
 

@@ -263,7 +263,7 @@ def _codebook(data: dict[str, Any]) -> str:
 
 
 def _strips(strips: dict[str, dict[str, Any]]) -> str:
-    out = ["<h2>Sample sentences, decoded</h2><p class='muted'>The first sentences of each source, decoded by the "
+    out = ["<h2>Sample sentences, decoded</h2><p class='muted'>A uniform sample of each source (the sentences whose ids hash lowest), decoded by the "
            "tokenizer's decoder: what the model will see.</p>"]
     if not strips:
         return out[0] + "<p>No samples (--samples 0).</p>"
