@@ -105,11 +105,12 @@ def run_recipe(
     work.mkdir(parents=True, exist_ok=True)
     cached = {u: _unit_path(work, u) for u in units}
     todo = _units_to_read(units, cached, recipe.limits.max_items)
-    with ray_session(address):
-        num_tokenized = 0
-        while todo:
-            num_tokenized += tokenize_units(todo, source, recipe, cached, progress)
-            todo = _units_to_read(units, cached, recipe.limits.max_items)
+    num_tokenized = 0
+    if todo:  # a run whose units are all cached needs no Ray at all
+        with ray_session(address):
+            while todo:
+                num_tokenized += tokenize_units(todo, source, recipe, cached, progress)
+                todo = _units_to_read(units, cached, recipe.limits.max_items)
 
     summary = write_sentences(source, recipe, units, cached, out, manifest, progress)
     summary.units_total, summary.units_tokenized = len(units), num_tokenized
