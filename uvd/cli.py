@@ -234,6 +234,9 @@ def _end_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        # Every rank must be done with its collectives first: tearing down gloo while a peer
+        # still talks to it aborted a rank at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 
