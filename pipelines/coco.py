@@ -21,7 +21,7 @@ from pipelines import pairing as P
 from pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 TASKS = ("detection", "pose", "segmentation")
 ANNOTATION_FILES = {"detection": "instances", "pose": "person_keypoints"}
@@ -61,9 +61,7 @@ class CocoSource(Source):
                     if path.stem.startswith(prefix + "_"):
                         splits.add(path.stem[len(prefix) + 1 :])
             units.extend(str(root / split) for split in sorted(splits))
-        names = [Path(u).name for u in units]
-        if len(set(names)) != len(names):
-            raise ValueError("inputs: the same split name appears under several roots; keys would not be unique")
+        check_unique_names(units, "splits")
         return units
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:

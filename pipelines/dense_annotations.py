@@ -20,7 +20,7 @@ from pipelines import pairing as P
 from pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 TASKS = ("depth", "normals", "edges")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -56,8 +56,7 @@ class DenseAnnotationsSource(Source):
         for root in roots:
             if not (root / "images").is_dir():
                 raise ValueError(f"inputs: {root} has no images/ folder (layout: images/, depth/, normals/, edges/)")
-        if len({r.name for r in roots}) != len(roots):
-            raise ValueError("inputs: several roots have the same folder name; keys would not be unique")
+        check_unique_names(roots, "input folders")
         return [str(r) for r in roots]
 
     def _folders(self, root: Path) -> dict[str, Path]:

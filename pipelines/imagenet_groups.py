@@ -15,7 +15,7 @@ from typing import Iterable, Iterator
 from uvd import records as R
 from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 
@@ -49,9 +49,7 @@ class ImagenetGroupsSource(Source):
             if not root.is_dir():
                 raise ValueError(f"inputs: {root} is not a folder of class folders (ROOT/<wnid>/*.JPEG)")
             units.extend(str(d) for d in sorted(root.iterdir()) if d.is_dir())
-        names = [Path(u).name for u in units]
-        if len(set(names)) != len(names):
-            raise ValueError("inputs: the same class folder name appears under several roots")
+        check_unique_names(units, "class folders")
         return units
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from uvd import records as R
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp")
 
@@ -38,10 +38,7 @@ class LaionSource(Source):
         tars: list[Path] = []
         for path in resolve_inputs(self.recipe.inputs):
             tars.extend(sorted(path.glob("*.tar")) if path.is_dir() else [path])
-        names = [t.name for t in tars]
-        clash = {n for n in names if names.count(n) > 1}
-        if clash:
-            raise ValueError(f"inputs: several shards are named {sorted(clash)[0]}; keys would not be unique")
+        check_unique_names(tars, "shards")
         return [str(t) for t in tars]
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:

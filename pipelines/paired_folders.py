@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from pipelines import pairing as P
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 EXAMPLE_TASKS = ("style_transfer", "deraining", "denoising", "low_light", "stereo")
@@ -51,8 +51,7 @@ class PairedFoldersSource(Source):
                     f"inputs: {root} needs folders {o.input_dir}/ and {o.target_dir}/ "
                     "(set sentence.input_dir and sentence.target_dir to your folder names)"
                 )
-        if len({r.name for r in roots}) != len(roots):
-            raise ValueError("inputs: several roots have the same folder name; keys would not be unique")
+        check_unique_names(roots, "input folders")
         return [str(r) for r in roots]
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:

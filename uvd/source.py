@@ -85,3 +85,11 @@ def find_input_files(inputs: list[str], suffixes: Iterable[str], what: str = "fi
     if len(set(names.values())) != len(names):
         raise ValueError(f"inputs: two {what} would get the same key (same relative path under several inputs)")
     return names
+
+
+def check_unique_names(units: Iterable[str | Path], what: str) -> None:
+    """Keys start with a unit's name, so two units of the same name would give clashing keys."""
+    names = [Path(u).name for u in units]
+    clash = sorted({n for n in names if names.count(n) > 1})
+    if clash:
+        raise ValueError(f"inputs: several {what} are named {clash[0]!r}; keys would not be unique")
