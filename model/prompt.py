@@ -16,13 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image, ImageDraw
 
 from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
 from model.data import iter_sentences
 from model.llama import LLaMA
-from uvd.manifest import RECIPE_FILE, find_runs, read_manifest
+from uvd.manifest import find_runs, load_run_tokenizer, recipe_tokenizer_section
 from uvd.registry import get_tokenizer_stage, register_trainer_demo
 
 logger = logging.getLogger(__name__)
@@ -50,25 +49,15 @@ def generate_images(model: LLaMA, context: np.ndarray, num_images: int, temperat
     return ids[0].cpu().numpy().reshape(num_images, TOKENS_PER_IMAGE)
 
 
-def run_tokenizer_options(runs: list[str | Path]) -> dict[str, Any]:
-    """The tokenizer (config, weights, seed) that made the first run's shards, from its `_recipe.yaml`."""
-    for root in runs:
-        for run in find_runs(Path(root)):
-            path = run / RECIPE_FILE
-            if path.is_file():
-                tok = (yaml.safe_load(path.read_text()) or {}).get("tokenizer", {})
-                return {"config": tok.get("config", "lvm"), "weights": tok.get("weights"), "seed": tok.get("seed", 0),
-                        "sha": (read_manifest(run) or {}).get("tokenizer", {}).get("weights_sha256")}
-    return {"config": "lvm", "weights": None, "seed": 0, "sha": None}
-
-
-def decode(tokens: np.ndarray, config: str | dict | None, weights: str | None, seed: int = 0,
-           expected_sha: str | None = None) -> np.ndarray:
-    """(N, 256) visual ids -> (N, H, W, 3) uint8 with the registered tokenizer stage (import tokenizer first)."""
-    stage = get_tokenizer_stage()(config if weights is None else None, weights=weights, device="cpu", seed=seed)
-    if expected_sha and stage.info["weights_sha256"] != expected_sha:
-        logger.warning("tokenizer %s is not the one that made the shards (%s...)", stage.info["id"], expected_sha[:12])
-    return stage.decode_tokens(tokens.astype(np.uint16))
+def run_decoder(runs: list[str | Path], config: str | None = None, weights: str | None = None) -> Any:
+    """The tokenizer that made the first run's shards, or the one `config`/`weights` name (on CPU)."""
+    run = next((r for root in runs for r in find_runs(Path(root))), None)
+    if config is None and weights is None:
+        if run is None:
+            raise ValueError(f"no UVD run under {[str(r) for r in runs]}")
+        return load_run_tokenizer(run)
+    seed = int(recipe_tokenizer_section(run).get("seed", 0) or 0) if run is not None else 0
+    return get_tokenizer_stage()(config if weights is None else None, weights=weights, device="cpu", seed=seed)
 
 
 def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, size: int = 128) -> Path:
@@ -111,11 +100,9 @@ def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "a
     context = tokens[: num_context * TOKENS_PER_IMAGE]
     truth = tokens[num_context * TOKENS_PER_IMAGE : (num_context + num_generate) * TOKENS_PER_IMAGE]
     generated = generate_images(model, context, num_generate, temperature, top_k, top_p, seed)
-    tok = run_tokenizer_options(runs)
-    if tokenizer_config is not None or tokenizer_weights is not None:
-        tok = {"config": tokenizer_config, "weights": tokenizer_weights, "seed": tok["seed"], "sha": None}
+    decoder = run_decoder(runs, tokenizer_config, tokenizer_weights)
     all_tokens = np.concatenate([context.reshape(-1, TOKENS_PER_IMAGE), generated, truth.reshape(-1, TOKENS_PER_IMAGE)])
-    images = decode(all_tokens, tok["config"], tok["weights"], tok["seed"], tok["sha"])
+    images = decoder.decode_tokens(all_tokens.astype(np.uint16))  # (N, H, W, 3)
     prompt_images = list(images[:num_context])
     rows = [("prompt", prompt_images), ("generated", list(images[num_context : num_context + num_generate]))]
     if len(truth):

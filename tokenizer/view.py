@@ -61,12 +61,10 @@ def _select_row(table, path: Path, row: int | None, sentence_id: str | None) -> 
 def _run_tokenizer(shard: Path):
     """The tokenizer that wrote the shard, from its run's manifest and recipe."""
     from uvd import manifest as M
-    from uvd.report import _build_decoder
 
-    manifest = M.read_manifest(shard.parent)
-    if manifest is None or "tokenizer" not in manifest:
+    if M.read_manifest(shard.parent) is None:
         raise ValueError(f"{shard.parent} has no run manifest naming its tokenizer; give --weights")
-    return _build_decoder(_stage(), shard.parent, manifest["tokenizer"])
+    return M.load_run_tokenizer(shard.parent)
 
 
 def view_shard(shard: str | Path, out: str | Path, row: int | None = None, sentence_id: str | None = None,

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from uvd import manifest as M
 from uvd.audit import ASPECT_EDGES, SIDE_EDGES, USE_EDGES, AuditPartial
@@ -77,8 +76,6 @@ def _bin_labels(edges: list[float], fmt: str) -> list[str]:
 
 def decode_samples(total: AuditPartial, runs: list[dict]) -> dict[str, dict[str, Any]]:
     """Decode each source's sample sentences with its run's tokenizer -> {source: {note, sentences}}."""
-    from uvd.registry import get_tokenizer_stage
-
     run_dirs = {r["path"]: r for r in runs}
     decoders: dict[str, Any] = {}
     strips: dict[str, dict[str, Any]] = {}
@@ -90,7 +87,7 @@ def decode_samples(total: AuditPartial, runs: list[dict]) -> dict[str, dict[str,
             key = info.get("weights_sha256") or sample["run"]  # runs with the same tokenizer share one decoder
             try:
                 if key not in decoders:
-                    decoders[key] = _build_decoder(get_tokenizer_stage(), Path(run["dir"]), info)
+                    decoders[key] = M.load_run_tokenizer(Path(run["dir"]))
                 decoder = decoders[key]
                 pixels = decoder.decode_tokens(np.asarray(sample["tokens"]).reshape(-1, TOKENS_PER_IMAGE))  # (N, H, W, 3)
             except (ValueError, OSError, RuntimeError) as err:
@@ -104,19 +101,6 @@ def decode_samples(total: AuditPartial, runs: list[dict]) -> dict[str, dict[str,
             entry["sentences"].append({"task": sample["task"], "shard": sample["shard"], "images": sample["images"],
                                        "pngs": [_png_uri(p) for p in pixels]})
     return {s: {"notes": sorted(e["notes"]), "sentences": e["sentences"]} for s, e in strips.items()}
-
-
-def _build_decoder(stage: type, run_dir: Path, info: dict[str, Any]) -> Any:
-    """The run's tokenizer: its recipe's weights when trained, else the recorded config and the recipe's seed."""
-    recipe_path = run_dir / M.RECIPE_FILE
-    tok = (yaml.safe_load(recipe_path.read_text()) or {}).get("tokenizer", {}) if recipe_path.is_file() else {}
-    if info.get("trained"):
-        if not tok.get("weights"):
-            raise ValueError(f"the run's tokenizer is trained but {recipe_path} names no tokenizer.weights")
-        return stage(None, weights=tok["weights"], device="cpu")
-    if not info.get("config"):
-        raise ValueError("the manifest records no tokenizer config")
-    return stage(info["config"], weights=None, device="cpu", seed=int(tok.get("seed", 0) or 0))
 
 
 def _png_uri(pixels: np.ndarray) -> str:

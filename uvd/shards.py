@@ -60,13 +60,16 @@ def atomic_write_table(table: pa.Table, path: Path, **parquet_kwargs: Any) -> No
         tmp.unlink(missing_ok=True)
 
 
+def uint16_lists(arrays: list[np.ndarray]) -> pa.ListArray:
+    """numpy token arrays -> one Arrow list<uint16> column, without a Python int per token."""
+    offsets = np.cumsum([0] + [len(a) for a in arrays], dtype=np.int32)
+    values = np.concatenate(arrays).astype(np.uint16) if arrays else np.zeros(0, np.uint16)
+    return pa.ListArray.from_arrays(offsets, pa.array(values, pa.uint16()))
+
+
 def sentences_table(rows: list[dict[str, Any]]) -> pa.Table:
-    tokens = pa.ListArray.from_arrays(
-        np.cumsum([0] + [len(r["tokens"]) for r in rows], dtype=np.int32),
-        pa.array(np.concatenate([r["tokens"] for r in rows]) if rows else np.zeros(0, np.uint16), pa.uint16()),
-    )
     columns = {name: [r[name] for r in rows] for name in SENTENCE_SCHEMA.names if name != "tokens"}
-    columns["tokens"] = tokens
+    columns["tokens"] = uint16_lists([r["tokens"] for r in rows])
     return pa.table({name: columns[name] for name in SENTENCE_SCHEMA.names}, schema=SENTENCE_SCHEMA)
 
 
@@ -94,7 +97,7 @@ def write_unit_cache(path: Path, rows: dict[str, list]) -> None:
     table = pa.table(
         {
             "key": rows["key"],
-            "tokens": pa.array([list(t) for t in rows["tokens"]], pa.list_(pa.uint16())),
+            "tokens": uint16_lists(rows["tokens"]),
             "hash": rows["hash"],
             "width": pa.array(rows["width"], pa.int32()),
             "height": pa.array(rows["height"], pa.int32()),
