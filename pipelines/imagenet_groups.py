@@ -5,16 +5,27 @@
 Reads the ImageNet train layout (`ROOT/<wnid>/*.JPEG`); k is drawn per sentence from
 `sentence.k_weights` (k in {2, 4, 8, 16}). Each image is used at most once; images left
 over when no more groups can be formed are recorded as `unused_remainder` rejects.
+One unit per class folder; the grouping is planned from per-category counts alone (`plan`, one
+Ray task), and each part's writer materializes its share of the sentences (`materialize`).
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from uvd import records as R
+from uvd.assemble import part_images, read_duplicates
+from uvd.dedup import losers_per_unit
+from uvd.layout import PLAN_DIR, atomic_write_bytes
 from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
+from uvd.shards import table_bytes
 from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
@@ -42,6 +53,8 @@ class ImagenetGroupsOptions:
 class ImagenetGroupsSource(Source):
     name = "imagenet_groups"
     Options = ImagenetGroupsOptions
+    assembly = "global"  # a sentence takes images from 16/k categories (units)
+    input_hint = "class folders ROOT/<wnid>/*.JPEG"
 
     def list_units(self) -> list[str]:
         units = []
@@ -58,25 +71,83 @@ class ImagenetGroupsSource(Source):
         for path in files[:max_items]:
             yield Item(f"{folder.name}/{path.name}", data=path.read_bytes(), meta={"category": folder.name})
 
-    def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+    def plan(self, run_dir: Path, parts: list[dict]) -> None:
+        """Group sentences from per-category counts only: k drawn by weight among the feasible k,
+        then 16/k categories among those with k images left; each category's images are taken in
+        a seeded shuffled order, so a sentence is (k, categories, offsets). Sentences are dealt to
+        the parts in contiguous runs; what is left of each category is its part's remainder."""
         n = self.options.images_per_sentence
-        remaining: dict[str, list[ImageRecord]] = {}
-        for unit in units:
-            images = list(unit.images)
-            self.rng.shuffle(images)
-            remaining[Path(unit.unit).name] = images
-        ks = sorted(k for k, w in self.options.k_weights.items() if w > 0)
+        units = [(u, p["index"], name) for p in parts for (u, _, _), name in zip(p["per_unit"], p["units"])]
+        losers = losers_per_unit(Path(run_dir))
+        kept = np.array([k - losers.get(u, 0) for p in parts for u, _, k in p["per_unit"]], np.int64)
+        remaining = kept.copy()
+        rng = np.random.default_rng([self.recipe.seed, 1])
+        ks = np.array(sorted(k for k, w in self.options.k_weights.items() if w > 0))
+        weights = np.array([self.options.k_weights[int(k)] for k in ks], float)
+        sentences: list[tuple[int, np.ndarray, np.ndarray]] = []
         while True:
-            feasible = [k for k in ks if sum(len(v) >= k for v in remaining.values()) >= n // k]
-            if not feasible:
+            feasible = np.array([np.count_nonzero(remaining >= k) >= n // k for k in ks])
+            if not feasible.any():
                 break
-            k = self.rng.choices(feasible, weights=[self.options.k_weights[k] for k in feasible])[0]
-            categories = self.rng.sample(sorted(c for c, v in remaining.items() if len(v) >= k), n // k)
-            images = []
-            for category in categories:
-                images.extend(remaining[category][:k])
-                remaining[category] = remaining[category][k:]
-            yield Sentence(f"category_k{k}", images, meta={"k": k, "categories": categories})
-        for category in sorted(remaining):
-            for image in remaining[category]:
-                yield Reject(image.key, R.UNUSED_REMAINDER, f"no room for it in a group of {category}", category)
+            p = weights * feasible
+            k = int(rng.choice(ks, p=p / p.sum()))
+            cats = np.sort(rng.choice(np.flatnonzero(remaining >= k), n // k, replace=False))
+            offsets = kept[cats] - remaining[cats]
+            remaining[cats] -= k
+            sentences.append((k, cats, offsets))
+        # Deal sentences to parts in contiguous runs, in proportion to their sentence order.
+        deal = (np.arange(len(sentences)) * len(parts) // max(len(sentences), 1)).astype(np.int32)
+        plan = pa.table({
+            "part": pa.array(deal, pa.int32()),
+            "k": pa.array([k for k, _, _ in sentences], pa.int32()),
+            "units": pa.array([c.tolist() for _, c, _ in sentences], pa.list_(pa.int32())),
+            "offsets": pa.array([o.tolist() for _, _, o in sentences], pa.list_(pa.int32())),
+        })
+        unit_table = pa.table({
+            "unit": pa.array([u for u, _, _ in units], pa.int32()),
+            "part": pa.array([p for _, p, _ in units], pa.int32()),
+            "name": pa.array([name for _, _, name in units], pa.string()),
+            "used": pa.array((kept - remaining).tolist(), pa.int32()),
+        })
+        plan_dir = Path(run_dir) / PLAN_DIR
+        atomic_write_bytes(plan_dir / "sentences.parquet", table_bytes(plan, row_group_size=4096))
+        atomic_write_bytes(plan_dir / "units.parquet", table_bytes(unit_table))
+
+    def materialize(self, part, images: list[UnitImages], run_dir: Path) -> Iterator[Sentence | Reject]:
+        run = Path(run_dir)
+        plan = pq.read_table(run / PLAN_DIR / "sentences.parquet", filters=[("part", "=", part.index)]).to_pylist()
+        table = pq.read_table(run / PLAN_DIR / "units.parquet").to_pydict()
+        name_of = dict(zip(table["unit"], table["name"]))
+        used = dict(zip(table["unit"], table["used"]))
+        units_of: dict[int, list[int]] = {}
+        for unit_id, p in zip(table["unit"], table["part"]):
+            units_of.setdefault(p, []).append(unit_id)
+        part_of = {u: p for p, ids in units_of.items() for u in ids}
+        loaded = {part.first_unit + j: unit_images for j, unit_images in enumerate(images)}
+        shuffled: dict[int, list[ImageRecord]] = {}
+
+        def category(unit_id: int) -> list[ImageRecord]:
+            """The unit's kept images in its seeded shuffled order (other parts' read from their work files)."""
+            if unit_id not in shuffled:
+                if unit_id not in loaded:
+                    p = part_of[unit_id]
+                    ids = sorted(units_of[p])
+                    dups = read_duplicates(run, p) if self.recipe.filters.dedup else {}
+                    other, _ = part_images(run, p, [name_of[u] for u in ids], ids[0], dups)
+                    loaded.update(zip(ids, other))
+                records = list(loaded[unit_id].images)
+                random.Random(f"{self.recipe.seed}:{Path(name_of[unit_id]).name}").shuffle(records)
+                shuffled[unit_id] = records
+            return shuffled[unit_id]
+
+        for row in plan:
+            k, chosen = row["k"], []
+            for unit_id, offset in zip(row["units"], row["offsets"]):
+                chosen.extend(category(unit_id)[offset: offset + k])
+            categories = [Path(name_of[u]).name for u in row["units"]]
+            yield Sentence(f"category_k{k}", chosen, meta={"k": k, "categories": categories})
+        for j, unit_images in enumerate(images):
+            unit_id = part.first_unit + j
+            name = Path(unit_images.unit).name
+            for image in category(unit_id)[used.get(unit_id, 0):]:
+                yield Reject(image.key, R.UNUSED_REMAINDER, f"no room for it in a group of {name}", unit_images.unit)

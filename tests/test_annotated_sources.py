@@ -142,7 +142,7 @@ def test_end_to_end_shards_and_rejects(name, runs, annotated):
         assert row["source"] == name and len(row["tokens"]) == 256 * row["num_images"] == 256 * len(row["images"])
         meta = json.loads(row["meta"])
         assert {"annotation", "layout", "epoch"} <= set(meta)
-    rejects = pq.read_table(out / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(out).to_pylist()
     assert dict(Counter(r["reason"] for r in rejects)) == info["expected_rejects"]
     assert summary.rejected == sum(info["expected_rejects"].values())
     assert len({key for row in rows for key in row["images"]}) == info["images"]

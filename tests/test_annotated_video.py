@@ -108,6 +108,6 @@ def test_end_to_end_shards_and_rejects(ray_local, clips, tmp_path):
     for row in rows:
         meta = json.loads(row["meta"])
         assert len(row["tokens"]) == 256 * row["num_images"] == 512 * len(meta["frames"])
-    rejects = pq.read_table(tmp_path / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(tmp_path).to_pylist()
     assert dict(Counter(r["reason"] for r in rejects)) == clips["expected_rejects"]
     assert len({key for row in rows for key in row["images"]}) == 2 * clips["pairs"]

@@ -76,7 +76,7 @@ def test_counts_equal_the_shards(runs, audit):
         assert book["perplexity"] == pytest.approx(float(np.exp(-(p * np.log(p)).sum())))
         assert sum(book["use_hist"]["counts"]) == 8192
         # rejects, with example paths
-        rejects = pq.read_table(runs / source / M.REJECTS_FILE).to_pylist()
+        rejects = M.read_rejects(runs / source).to_pylist()
         assert entry["rejected"] == len(rejects)
         by_reason = Counter(r["reason"] for r in rejects)
         assert {k: v["count"] for k, v in entry["rejected_by_reason"].items()} == by_reason

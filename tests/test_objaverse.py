@@ -132,6 +132,6 @@ def test_end_to_end_shards_and_rejects(ray_local, meshes, tmp_path):
         assert row["task"] == "multiview" and row["num_images"] == 16 and len(row["tokens"]) == 16 * 256
         assert row["images"] == [view_key(meta["object"], c["view"]) for c in meta["cameras"]]
         assert meta["renderer"] == "osmesa"
-    rejects = pq.read_table(tmp_path / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(tmp_path).to_pylist()
     assert dict(Counter(r["reason"] for r in rejects)) == meshes["expected_rejects"]
     assert manifest["totals"]["inputs"] == 24 * len(meshes["meshes"]) + sum(meshes["expected_rejects"].values())

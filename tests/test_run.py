@@ -1,4 +1,5 @@
 """End to end through Ray: the reject accounting, resume, and what the shards hold."""
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -8,6 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TEST_OVERRIDES
+from uvd import layout as L
 from uvd import manifest as M
 from uvd.recipe import load_recipe
 from uvd.runner import JobFailed, run_recipe
@@ -38,7 +40,7 @@ def test_every_input_is_a_sentence_or_a_reject(laion_run, world):
     out, summary = laion_run
     info = world["laion"]
     rows = read_all(out)
-    rejects = pq.read_table(out / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(out).to_pylist()
     assert len(rows) == info["good"] == summary.sentences
     assert len(rows) + len(rejects) == info["items"]
     by_reason = {}
@@ -54,7 +56,7 @@ def test_every_input_is_a_sentence_or_a_reject(laion_run, world):
 def test_shard_rows_follow_the_contract(laion_run):
     out, _ = laion_run
     manifest = M.read_manifest(out)
-    assert manifest["status"] == "complete" and manifest["schema_version"] == 1
+    assert manifest["status"] == "complete" and manifest["schema_version"] == 2
     assert not manifest["tokenizer"]["trained"] and manifest["tokenizer"]["id"].startswith("test-")
     schema = pq.read_schema(out / sorted(manifest["shards"])[0])
     assert str(schema.field("tokens").type) == "list<element: uint16>"
@@ -68,7 +70,10 @@ def test_shard_rows_follow_the_contract(laion_run):
     for name, counts in manifest["shards"].items():
         assert pq.read_metadata(out / name).num_rows == counts["sentences"] <= 16
     assert (out / M.RECIPE_FILE).is_file()
-    assert not list(out.glob(".*.tmp"))
+    assert not list(out.rglob(".*.tmp"))
+    for name, counts in manifest["shards"].items():  # the recorded size and checksum are the file's
+        data = (out / name).read_bytes()
+        assert len(data) == counts["bytes"] and hashlib.sha256(data).hexdigest() == counts["sha256"]
 
 
 def test_same_image_same_tokens(laion_run, world):
@@ -97,28 +102,40 @@ def test_rerun_of_a_finished_job_adds_nothing(laion_run, world):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == before
 
 
-def test_interrupted_job_resumes_to_the_same_sentences(laion_run, world, tmp_path):
+def _interrupt(run, part: str, tokenized: bool) -> None:
+    """Make `run` look killed before `part` was written (and, unless `tokenized`, before it was tokenized)."""
+    record = json.loads((run / L.WRITES_DIR / f"{part}.json").read_text())
+    for name in [*record["shards"], record["rejects"]["file"]]:
+        (run / name).unlink()
+    (run / L.WRITES_DIR / f"{part}.json").unlink()
+    if not tokenized:
+        for name in (f"{L.PARTS_DIR}/{part}.json", f"{L.WORK_DIR}/{part}.parquet", f"{L.WORK_DIR}/{part}.digests.parquet"):
+            (run / name).unlink()
+    M.write_manifest(run, {**M.read_manifest(run), "status": "running", "shards": {}})
+
+
+@pytest.mark.parametrize("tokenized", [False, True])
+def test_interrupted_job_resumes_to_the_same_sentences(laion_run, world, tmp_path, tokenized):
+    """Killed after part 0 was written, with the last part tokenized or not: the rerun redoes only
+    the missing part and gives byte-identical shards and the same rejects."""
     out, _ = laion_run
     expected = read_all(out)
-    # Interrupted in phase 1: only the first unit was tokenized; and in phase 2: one shard written.
-    recipe = laion_recipe(world)
-    source_units = sorted(Path(world["laion"]["path"]).glob("*.tar"))
-    first_cache = sorted((out / M.WORK_DIR / "units").glob("*.parquet"))
     resumed = tmp_path / "resumed"
-    (resumed / M.WORK_DIR / "units").mkdir(parents=True)
-    for path in first_cache:
-        if source_units[0].name in path.name:
-            shutil.copy(path, resumed / M.WORK_DIR / "units" / path.name)
-    manifest = M.read_manifest(out)
-    first_shard = sorted(manifest["shards"])[0]
-    shutil.copy(out / first_shard, resumed / first_shard)
-    M.write_manifest(resumed, {**manifest, "status": "running", "shards": {first_shard: manifest["shards"][first_shard]}})
-    summary = run_recipe(recipe, resumed, progress=False)
-    assert summary.units_tokenized == len(source_units) - 1
+    shutil.copytree(out, resumed)
+    manifest = M.read_manifest(resumed)
+    parts = sorted(p.stem for p in (resumed / L.WRITES_DIR).glob("*.json"))
+    assert len(parts) >= 2
+    _interrupt(resumed, parts[-1], tokenized)
+    summary = run_recipe(laion_recipe(world), resumed, progress=False)
+    assert summary.parts_tokenized == (0 if tokenized else 1) and summary.parts_written == 1
     got = read_all(resumed)
     assert got.keys() == expected.keys()
     assert all(got[i]["tokens"] == expected[i]["tokens"] for i in got)
-    assert not (resumed / M.WORK_DIR).exists()
+    key = lambda r: (r["key"], r["reason"])  # noqa: E731
+    assert sorted(M.read_rejects(resumed).to_pylist(), key=key) == sorted(M.read_rejects(out).to_pylist(), key=key)
+    assert not (resumed / L.WORK_DIR).exists()
+    for name in manifest["shards"]:  # byte-identical shards
+        assert (resumed / name).read_bytes() == (out / name).read_bytes()
 
 
 def test_other_recipe_into_the_same_folder_is_refused(laion_run, world):
@@ -144,14 +161,14 @@ def test_limit_reads_the_first_items(ray_local, world, tmp_path):
     summary = run_recipe(laion_recipe(world, "limits.max_items=5"), tmp_path, progress=False)
     m = M.read_manifest(tmp_path)
     assert m["totals"]["inputs"] == 5 and summary.sentences + summary.rejected == 5
-    assert summary.units_tokenized == 1
+    assert summary.parts_tokenized == 1
 
 
 def test_too_many_rejects_fail_the_job(ray_local, world, tmp_path):
     with pytest.raises(JobFailed, match="max_reject_rate"):
         run_recipe(laion_recipe(world, "limits.max_reject_rate=0.01"), tmp_path, progress=False)
     assert M.read_manifest(tmp_path)["status"] == "failed"
-    assert pq.read_table(tmp_path / M.REJECTS_FILE).num_rows > 0
+    assert M.read_rejects(tmp_path).num_rows > 0
 
 
 def test_imagenet_groups_end_to_end(ray_local, world, tmp_path):
@@ -160,7 +177,7 @@ def test_imagenet_groups_end_to_end(ray_local, world, tmp_path):
     rows = read_all(tmp_path)
     assert rows and all(r["num_images"] == 16 and len(r["tokens"]) == 16 * 256 for r in rows.values())
     assert {r["task"] for r in rows.values()} <= {"category_k2", "category_k4", "category_k8", "category_k16"}
-    rejects = pq.read_table(tmp_path / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(tmp_path).to_pylist()
     used = [k for r in rows.values() for k in r["images"]]
     assert len(used) == len(set(used))
     assert len(used) + len(rejects) == world["imagenet"]["items"] == summary.images + summary.rejected

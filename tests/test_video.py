@@ -142,7 +142,7 @@ def test_end_to_end_shards_and_rejects(video_run, videos):
         meta = json.loads(row["meta"])
         assert row["source"] == "video" and row["num_images"] == 16 and len(row["tokens"]) == 16 * 256
         assert row["images"] == [frame_key(meta["video"], f) for f in meta["frame_indices"]]
-    rejects = pq.read_table(out / M.REJECTS_FILE).to_pylist()
+    rejects = M.read_rejects(out).to_pylist()
     assert dict(Counter(r["reason"] for r in rejects)) == videos["expected_rejects"]
     # decode once: 48 + 32 + 16 distinct frames tokenized, 9 sentences x 16 = 144 frame uses
     assert manifest["totals"]["inputs"] == 48 + 32 + 16 + sum(videos["expected_rejects"].values())

@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
+from uvd import layout as L
 from uvd import manifest as M
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,8 @@ def rejects_partial(path: str, source: str) -> AuditPartial:
 # ---------------------------------------------------------------- the pass
 
 
-def collect(root: str | Path, num_samples: int = 2, use_ray: bool | None = None, address: str | None = None) -> tuple[AuditPartial, list[dict]]:
+def collect(root: str | Path, num_samples: int = 2, use_ray: bool | None = None, address: str | None = None,
+            include_incomplete: bool = False) -> tuple[AuditPartial, list[dict]]:
     """-> (merged counters of every listed shard and rejects file under `root`, run descriptions)."""
     root = Path(root)
     runs = M.find_runs(root)
@@ -182,11 +184,27 @@ def collect(root: str | Path, num_samples: int = 2, use_ray: bool | None = None,
     for run in runs:
         manifest = M.read_manifest(run)
         rel = str(run.relative_to(root)) if run != root else "."
+        if manifest["status"] != "complete" and not include_incomplete:
+            log.warning("audit: skipping %s: its status is %s (pass --include-incomplete to count its finished parts)",
+                        run, manifest["status"])
+            continue
+        shards, rejects = M.run_index(run, manifest)
         run_info.append({"path": rel, "dir": str(run), "source": manifest["source"], "status": manifest["status"],
-                         "shards": len(manifest["shards"]), "tokenizer": manifest.get("tokenizer", {})})
-        jobs += [("shard", (str(run / name), rel, num_samples)) for name in sorted(manifest["shards"])]
-        if (run / M.REJECTS_FILE).is_file():
-            jobs.append(("rejects", (str(run / M.REJECTS_FILE), manifest["source"])))
+                         "shards": len(shards), "tokenizer": manifest.get("tokenizer", {})})
+        for name in sorted(shards):
+            path = L.checked_name(run, name, "shard")
+            if not path.is_file():
+                raise L.CorruptRunError(path, "a shard the run lists is missing; rerun `uvd run` with the same recipe "
+                                              "and --out to redo its part")
+            jobs.append(("shard", (str(path), rel, num_samples)))
+        for name in rejects.get("files", []):
+            path = L.checked_name(run, name, "rejects")
+            if not path.is_file():
+                raise L.CorruptRunError(path, "a rejects file the run lists is missing; rerun `uvd run` with the same "
+                                              "recipe and --out to rewrite it")
+            jobs.append(("rejects", (str(path), manifest["source"])))
+    if not run_info:
+        raise ValueError(f"{root}: no complete UVD run here (use --include-incomplete for running or failed runs)")
     functions = {"shard": shard_partial, "rejects": rejects_partial}
     total = AuditPartial(num_samples=num_samples)
     num_shards = sum(kind == "shard" for kind, _ in jobs)
@@ -377,8 +395,10 @@ def audit_json(total: AuditPartial, runs: list[dict], root: str | Path, target: 
 
 
 def run_audit(root: str | Path, target_path: str | Path | None = None, num_samples: int = 2,
-              use_ray: bool | None = None, address: str | None = None) -> tuple[dict[str, Any], AuditPartial, list[dict]]:
+              use_ray: bool | None = None, address: str | None = None,
+              include_incomplete: bool = False) -> tuple[dict[str, Any], AuditPartial, list[dict]]:
     """-> (the JSON numbers, the merged counters (for the sample strips), the runs)."""
     target = load_target(target_path) if target_path else None
-    total, runs = collect(root, num_samples=num_samples, use_ray=use_ray, address=address)
+    total, runs = collect(root, num_samples=num_samples, use_ray=use_ray, address=address,
+                          include_incomplete=include_incomplete)
     return audit_json(total, runs, root, target), total, runs

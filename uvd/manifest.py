@@ -1,60 +1,71 @@
-"""The run folder's bookkeeping: `_manifest.json`, the resolved recipe, rejects, work cache.
+"""The run's identity and index: `_manifest.json` (schema version, source, recipe hash,
+tokenizer, status, totals and, once complete, every shard with its counts, size and checksum).
 
-The manifest is rewritten atomically after every finished shard, so it always says
-which shards are complete; readers (stats, audit, training) trust only those.
+While a run works, the per-part records under `_uvd/` are the index (uvd/layout.py); the
+manifest is rewritten at the start, at the end (compacted from the records) and on failure —
+never once per shard. Readers (stats, audit, training) trust only the shards it lists.
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-MANIFEST = "_manifest.json"
-RECIPE_FILE = "_recipe.yaml"
-REJECTS_FILE = "_rejects.parquet"
-WORK_DIR = "_work"
+from uvd.layout import MANIFEST, RECIPE_FILE, CorruptRunError, checked_name, read_json, write_json
+
+REQUIRED = ("schema_version", "source", "recipe_hash", "status", "shards")
 
 log = logging.getLogger(__name__)
 
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
+    """The run's manifest, or None when there is none; a damaged one names the file and the fix."""
     path = Path(run_dir) / MANIFEST
-    if not path.is_file():
+    manifest = read_json(path, "the run manifest")
+    if manifest is None:
         return None
-    return json.loads(path.read_text())
+    missing = [k for k in REQUIRED if k not in manifest]
+    if missing:
+        raise CorruptRunError(path, f"the run manifest lacks {', '.join(missing)}")
+    return manifest
 
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    path = Path(run_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_json(Path(run_dir) / MANIFEST, manifest)
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run folders at or below `root` (folders holding a manifest), sorted."""
+    """Run folders at or below `root` (folders holding a manifest), sorted; symlinked run
+    folders are followed."""
+    import os
+
     root = Path(root)
     if (root / MANIFEST).is_file():
         return [root]
-    return sorted(p.parent for p in root.rglob(MANIFEST))
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
+        if MANIFEST in files:
+            found.append(Path(folder))
+            dirs[:] = []  # a run's own folders hold no runs
+    return sorted(found)
 
 
-def clear_run(run_dir: Path) -> None:
-    """Remove everything a run wrote (for --overwrite), and nothing else."""
-    run_dir = Path(run_dir)
-    manifest = read_manifest(run_dir) or {}
-    for name in manifest.get("shards", {}):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in (MANIFEST, RECIPE_FILE, REJECTS_FILE):
-        (run_dir / name).unlink(missing_ok=True)
-    for tmp in run_dir.glob(".*.tmp"):
-        tmp.unlink()
-    shutil.rmtree(run_dir / WORK_DIR, ignore_errors=True)
+def shard_paths(run_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
+    """(path, counts) of every shard the manifest lists, each name checked (never outside the run)."""
+    return [(checked_name(run_dir, name, "shard"), counts) for name, counts in sorted(manifest["shards"].items())]
+
+
+def reject_paths(run_dir: Path, manifest: dict[str, Any]) -> list[Path]:
+    """The rejects files the manifest lists (each checked); a listed file that is missing is a clear error."""
+    paths = [checked_name(run_dir, name, "rejects") for name in manifest.get("rejects", {}).get("files", [])]
+    for path in paths:
+        if not path.is_file():
+            raise CorruptRunError(path, "a rejects file the manifest lists is missing; rerun `uvd run` with the same "
+                                        "recipe and --out to rewrite it")
+    return paths
 
 
 def recipe_tokenizer_section(run_dir: Path) -> dict[str, Any]:
@@ -97,3 +108,38 @@ def load_run_tokenizer(run_dir: Path) -> Any:
         log.warning("%s: tokenizer %s is not the one that made the shards (%s...)", run_dir, stage.info["id"],
                     options["weights_sha256"][:12])
     return stage
+
+
+def read_rejects(run_dir: Path, columns: list[str] | None = None):
+    """Every rejected input of a run, as one Arrow table (the rejects files its manifest lists)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from uvd.shards import REJECT_SCHEMA
+
+    manifest = read_manifest(run_dir)
+    if manifest is None:
+        raise ValueError(f"{run_dir}: no UVD run here (no {MANIFEST})")
+    tables = [pq.read_table(p, columns=columns) for p in reject_paths(Path(run_dir), manifest)]
+    if not tables:
+        return REJECT_SCHEMA.empty_table() if columns is None else REJECT_SCHEMA.empty_table().select(columns)
+    return pa.concat_tables(tables)
+
+
+def run_index(run_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, dict], dict[str, Any]]:
+    """(shards: name -> counts, rejects: {files, count, by_reason}) of a run: the manifest's
+    compacted index, or, while a run is still working (or failed), its parts' write records."""
+    if manifest["status"] == "complete" or manifest["shards"]:
+        return manifest["shards"], manifest.get("rejects", {"files": [], "count": 0, "by_reason": {}})
+    from uvd.layout import WRITES_DIR
+
+    shards: dict[str, dict] = {}
+    rejects: dict[str, Any] = {"files": [], "count": 0, "by_reason": {}}
+    for path in sorted((Path(run_dir) / WRITES_DIR).glob("*.json")):
+        record = read_json(path, "a write record")
+        shards.update(record["shards"])
+        rejects["files"].append(record["rejects"]["file"])
+        rejects["count"] += record["rejects"]["count"]
+        for reason, n in record["rejects"]["by_reason"].items():
+            rejects["by_reason"][reason] = rejects["by_reason"].get(reason, 0) + n
+    return shards, rejects

@@ -32,8 +32,9 @@ class ImageOptions:
     def validate(self, path: str) -> None:
         _check_choice(f"{path}.resize", self.resize, ("center_crop", "resize"))
         _check_positive(f"{path}.size", self.size)
-        if self.size % 16:
-            raise ValueError(f"{path}.size: {self.size} is not a multiple of 16 (the tokenizer downsamples by 16)")
+        if self.size != 256:
+            raise ValueError(f"{path}.size: {self.size} gives {(self.size // 16) ** 2} tokens per image; the output "
+                             "contract is 256 tokens (a 16x16 grid of the f16 tokenizer), so image.size must be 256")
         _check_positive(f"{path}.max_pixels", self.max_pixels)
 
 
@@ -80,12 +81,19 @@ class OutputOptions:
     row_group_size: int = 256  # rows per Parquet row group: ~2 MB of tokens for 16-image rows
     compression: str = "zstd"
     compression_level: int = 3
-    keep_work: bool = False  # keep the per-input token cache (_work/) after a finished run
+    keep_work: bool = False  # keep the per-part token work files (_uvd/work/) after a finished run
+    units_per_part: int | None = None  # units per Ray task and resume step; null: the source's default
 
     def validate(self, path: str) -> None:
         _check_positive(f"{path}.sentences_per_shard", self.sentences_per_shard)
         _check_positive(f"{path}.row_group_size", self.row_group_size)
         _check_choice(f"{path}.compression", self.compression, ("zstd", "snappy", "gzip", "none"))
+        levels = {"zstd": (1, 22), "gzip": (1, 9)}.get(self.compression)
+        if levels and not levels[0] <= self.compression_level <= levels[1]:
+            raise ValueError(f"{path}.compression_level: {self.compression_level} is outside {self.compression}'s "
+                             f"range {levels[0]}..{levels[1]}")
+        if self.units_per_part is not None:
+            _check_positive(f"{path}.units_per_part", self.units_per_part)
 
 
 @dataclass
@@ -123,7 +131,15 @@ class Recipe:
         data = self.to_dict()
         data["tokenizer"] = self.tokenizer.identity()
         data["output"].pop("keep_work")
+        data["limits"].pop("max_reject_rate")  # judged on the result; raising it must not redo the work
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def work_identity(self) -> dict[str, Any]:
+        """Every field that determines phase 1's tokens and rejects (the tokenizer's weights are
+        hashed separately, by content); a work file made under another identity is redone."""
+        return {"source": self.source, "seed": self.seed, "sentence": dataclasses.asdict(self.sentence),
+                "image": dataclasses.asdict(self.image), "filters": dataclasses.asdict(self.filters),
+                "tokenizer": {"seed": self.tokenizer.seed, "dtype": self.tokenizer.dtype}}
 
 
 _SECTIONS = {

@@ -1,39 +1,41 @@
-"""Run a recipe end to end: inputs -> tokenized images (on Ray) -> sentences -> Parquet shards.
+"""Run a recipe end to end on Ray: the cluster makes the dataset, the driver only coordinates.
 
     uvd run recipes/laion.yaml --out out/laion [--address HEAD:6379]
 
-Phase 1 (Ray Data, the heavy part): each unit of input is read, decoded and resized by
-CPU tasks and tokenized by an actor pool (one actor per GPU, or CPU actors); the driver
-caches every finished unit under `_work/`, so a killed run resumes where it stopped.
-Phase 2 (driver, light): the source assembles the tokenized images into sentences, which
-are cut into fixed-size shards and written atomically, the manifest updated after each.
+The source's units are cut into parts of consecutive units. Phase 1: one Ray task per part
+reads, decodes and resizes its items and tokenizes them on the encoder actors (one per GPU, or
+fractional-CPU actors), writing the part's work file and record under `_uvd/` (uvd/work.py).
+Dedup: digests partitioned by bucket, one task per bucket range (uvd/dedup.py). Planning, for
+sources whose sentences span units: one task, from counts only. Phase 2: one task per part
+assembles its sentences and writes its shards, rejects and record (uvd/assemble.py). The driver
+holds O(parts) small counters, never an image; at the end it compacts the records into the
+manifest. Every file is placed by rename and each part's record is written last, so a killed
+task or driver leaves nothing partial visible and a rerun redoes only the missing parts.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable
 
-import numpy as np
-import pyarrow.parquet as pq
-
+from uvd import layout as L
 from uvd import manifest as M
-from uvd.images import preprocess_batch
+from uvd.assemble import write_part, write_valid
 from uvd.recipe import Recipe
-from uvd.records import DUPLICATE, Item, Reject
 from uvd.registry import get_source, get_tokenizer_stage
-from uvd.runtime import cluster_resources, configure_data_context, ray_session
-from uvd.shards import SCHEMA_VERSION, atomic_write_table, read_unit_cache, rejects_table, write_shard, write_unit_cache
-from uvd.source import Source, UnitImages
+from uvd.runtime import cluster_resources, ray_session
+from uvd.shards import SCHEMA_VERSION
+from uvd.source import Source
+from uvd.work import EncoderActor, Part, Progress, tokenize_part, work_valid
 
 log = logging.getLogger(__name__)
+
+MIN_ITEMS_FOR_EARLY_FAIL = 1000  # the reject rate is judged early once this many inputs were read
 
 
 class JobFailed(RuntimeError):
@@ -50,96 +52,16 @@ class RunSummary:
     rejected_by_reason: dict[str, int] = field(default_factory=dict)
     shards: int = 0
     units_total: int = 0
-    units_tokenized: int = 0  # units processed by this invocation (the rest came from the cache)
+    parts_total: int = 0
+    parts_tokenized: int = 0  # parts tokenized by this invocation (the rest were done before)
+    parts_written: int = 0
     already_complete: bool = False
     seconds: float = 0.0
     tokenizer: dict[str, Any] = field(default_factory=dict)
 
 
-def run_recipe(
-    recipe: Recipe,
-    out_dir: str | Path,
-    address: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> RunSummary:
-    start = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_hash = recipe.hash()
-    if overwrite:
-        M.clear_run(out)
-    manifest = M.read_manifest(out)
-    if manifest and manifest["recipe_hash"] != recipe_hash:
-        raise ValueError(
-            f"--out {out}: holds a run of another recipe (hash {manifest['recipe_hash']}, this one {recipe_hash}); "
-            "use --overwrite to start over, or another --out"
-        )
-    if manifest and manifest["status"] == "complete" and all((out / s).is_file() for s in manifest["shards"]):
-        log.info("%s: already complete, nothing to do", out)
-        return _summary_from_manifest(out, manifest, start, already_complete=True)
-
-    source: Source = get_source(recipe.source)(recipe)
-    units = source.list_units()
-    if not units:
-        raise ValueError(f"inputs: {recipe.inputs} holds no input for source {recipe.source!r}")
-    (out / M.RECIPE_FILE).write_text(recipe.to_yaml())
-    tokenizer_info = get_tokenizer_stage().describe(**_tokenizer_kwargs(recipe))
-    if not tokenizer_info["trained"]:
-        log.warning(
-            "tokenizer %s has UNTRAINED weights (no tokenizer.weights given): its tokens carry no meaning",
-            tokenizer_info["id"],
-        )
-    manifest = manifest or {
-        "schema_version": SCHEMA_VERSION,
-        "source": recipe.source,
-        "recipe_hash": recipe_hash,
-        "tokenizer": tokenizer_info,
-        "status": "running",
-        "shards": {},
-    }
-    manifest["units"] = len(units)
-    M.write_manifest(out, manifest)
-
-    work = out / M.WORK_DIR / "units"
-    work.mkdir(parents=True, exist_ok=True)
-    cached = {u: _unit_path(work, u) for u in units}
-    todo = _units_to_read(units, cached, recipe.limits.max_items)
-    num_tokenized = 0
-    if todo:  # a run whose units are all cached needs no Ray at all
-        with ray_session(address):
-            while todo:
-                num_tokenized += tokenize_units(todo, source, recipe, cached, progress)
-                todo = _units_to_read(units, cached, recipe.limits.max_items)
-
-    summary = write_sentences(source, recipe, units, cached, out, manifest, progress)
-    summary.units_total, summary.units_tokenized = len(units), num_tokenized
-    summary.tokenizer = tokenizer_info
-    summary.seconds = time.time() - start
-    if not recipe.output.keep_work:
-        shutil.rmtree(out / M.WORK_DIR, ignore_errors=True)
-    return summary
-
-
-def _units_to_read(units: list[str], cached: dict[str, Path], max_items: int | None) -> list[str]:
-    """Units still to tokenize; with a limit, only the next few needed to reach it, in order."""
-    if max_items is None:
-        return [u for u in units if not cached[u].exists()]
-    covered, todo = 0, []
-    for unit in units:
-        if cached[unit].exists():
-            covered += pq.read_metadata(cached[unit]).num_rows
-        else:
-            todo.append(unit)
-            covered += max_items  # a unit reads at most max_items items; ask for it, then look again
-        if covered >= max_items:
-            break
-    return todo
-
-
-def _unit_path(work: Path, unit: str) -> Path:
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", unit)[-60:]
-    return work / f"{hashlib.sha256(unit.encode()).hexdigest()[:12]}-{name}.parquet"
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _tokenizer_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -148,272 +70,368 @@ def _tokenizer_kwargs(recipe: Recipe) -> dict[str, Any]:
     return {"config": None if t.weights else t.config, "weights": t.weights, "seed": t.seed, "dtype": t.dtype}
 
 
-# ---------------------------------------------------------------- phase 1: tokenize units
+def make_parts(units: list[str], units_per_part: int) -> list[Part]:
+    return [Part(i, units[s: s + units_per_part], s) for i, s in enumerate(range(0, len(units), units_per_part))]
 
 
-def _item_row(unit: str, item: Item) -> dict[str, Any]:
-    if item.array is not None:
-        data, raw_shape = np.ascontiguousarray(item.array).tobytes(), json.dumps(list(item.array.shape))
-    else:
-        data, raw_shape = item.data, ""
-    return {
-        "unit": unit,
-        "key": item.key,
-        "data": data,
-        "raw_shape": raw_shape,
-        "meta": json.dumps(item.meta, sort_keys=True),
-        "reject": item.reject,
-        "detail": item.detail,
-        "end": False,
-        "num_rows": 0,
+def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, overwrite: bool = False,
+               progress: bool = True, verify: bool = False) -> RunSummary:
+    """Run `recipe` into `out_dir`, resuming whatever an earlier run of it finished."""
+    start = time.time()
+    out = Path(out_dir)
+    # Validate everything first; delete (for --overwrite) last.
+    L.check_out_dir(out)
+    if not overwrite:
+        manifest = M.read_manifest(out)
+        if manifest and manifest["recipe_hash"] != recipe.hash():
+            raise ValueError(f"--out {out}: holds a run of another recipe (hash {manifest['recipe_hash']}, this one "
+                             f"{recipe.hash()}); use --overwrite to start over, or another --out")
+    source: Source = get_source(recipe.source)(recipe)
+    units = source.list_units()
+    if not units:
+        raise ValueError(f"inputs: {recipe.inputs} holds no input for source {recipe.source!r} "
+                         f"(looked for {source.looks_for()})")
+    tokenizer = get_tokenizer_stage().describe(**_tokenizer_kwargs(recipe))
+    out.mkdir(parents=True, exist_ok=True)
+    with L.RunLock(out):
+        if overwrite:
+            removed = L.clear_run(out)
+            log.info("--overwrite: removed %d files of the previous run in %s", removed, out)
+        return _run_locked(recipe, source, units, tokenizer, out, address, progress, verify, start)
+
+
+def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dict, out: Path, address: str | None,
+                progress: bool, verify: bool, start: float) -> RunSummary:
+    recipe_hash = recipe.hash()
+    # What determines the tokens of a part, and what determines the shards.
+    work_hash = _digest("work", recipe.work_identity(), tokenizer["weights_sha256"], tokenizer["config"])
+    output_hash = _digest("output", recipe_hash, tokenizer["weights_sha256"], tokenizer["config"])
+    parts = make_parts(units, recipe.output.units_per_part or source.units_per_part)
+    manifest = M.read_manifest(out) or {
+        "schema_version": SCHEMA_VERSION, "source": recipe.source, "recipe_hash": recipe_hash,
+        "tokenizer": tokenizer, "status": "running", "shards": {},
     }
+    summary = RunSummary(out_dir=str(out), units_total=len(units), parts_total=len(parts), tokenizer=tokenizer)
+    if manifest["status"] == "complete" and recipe.limits.max_items is None:
+        bad = [p.index for p in parts if not write_valid(out, p.index, output_hash, "sha256" if verify else "size")[0]]
+        if not bad:
+            log.info("%s: already complete, nothing to do", out)
+            return _finish_summary(summary, manifest, start, already_complete=True)
+        log.warning("%s: %d part(s) have missing or damaged shards; redoing only those", out, len(bad))
+    if not tokenizer["trained"]:
+        log.warning("tokenizer %s has UNTRAINED weights (no tokenizer.weights given): its tokens carry no meaning",
+                    tokenizer["id"])
+    manifest.update(status="running", units=len(units), parts=len(parts), shards={}, tokenizer=tokenizer)
+    manifest.pop("failure", None)
+    M.write_manifest(out, manifest)
+    (out / L.RECIPE_FILE).write_text(recipe.to_yaml())
+
+    with ray_session(address):
+        import ray
+
+        source_ref = ray.put(source)
+        if recipe.limits.max_items is not None:
+            parts = _tokenize_limited(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
+        written = {p.index: write_valid(out, p.index, output_hash)[0] for p in parts}
+        global_assembly = source.assembly == "global"
+        dedup_ready = not recipe.filters.dedup or _dedup_valid(out, output_hash, len(parts))
+        need_work = [p for p in parts if not written[p.index] or not dedup_ready or
+                     (global_assembly and not all(written.values()))]
+        todo = [p for p in need_work if not work_valid(out, p.index, _part_hash(work_hash, p))]
+        if todo:
+            _tokenize(todo, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
+        if not dedup_ready:
+            _dedup(out, parts, output_hash)
+        if global_assembly and (not all(written.values()) or not _plan_valid(out, output_hash)):
+            _run_tasks("plan", [None], lambda _: _plan_remote().remote(source_ref, str(out), parts_summary(out, parts)),
+                       lambda _, __: None, progress=False)
+            L.write_json(out / L.PLAN_DIR / "plan.json", {"output_hash": output_hash, "parts": len(parts)})
+            written = {i: False for i in written}
+        to_write = [p for p in parts if not written[p.index]]
+        remote_write = ray.remote(num_cpus=1, max_retries=3)(write_part)
+
+        def submit_write(p: Part):
+            return remote_write.remote(p, source_ref, recipe, str(out), output_hash, tokenizer["id"])
+
+        summary.parts_written = len(to_write)
+        _run_tasks(f"{recipe.source}: write", to_write, submit_write, lambda p, rec: None, progress)
+    return _compact(recipe, out, parts, manifest, output_hash, summary, start)
 
 
-def read_unit_rows(row: dict[str, Any], source: Source, max_items: int | None) -> Iterator[dict[str, Any]]:
-    """Ray flat_map: a unit -> its item rows, then one `end` row carrying the unit's row count."""
-    unit = row["unit"]
-    count = 0
-    try:
-        for item in source.read_unit(unit, max_items):
-            yield _item_row(unit, item)
-            count += 1
-    except (OSError, ValueError) as err:
-        # The unit itself is unreadable (e.g. a tar cut short): record it, keep what was read.
-        log.warning("unit %s: %s", unit, err)
-        yield _item_row(unit, Item(key=f"{unit}#unit", reject="unreadable", detail=str(err)[:300]))
-        count += 1
-    yield {**_item_row(unit, Item(key="")), "end": True, "num_rows": count}
+def _part_hash(work_hash: str, part: Part) -> str:
+    return _digest(work_hash, part.units, part.budget)
 
 
-def _rows_to_batch(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
-    batch = {}
-    for name in rows[0]:
-        column = np.empty(len(rows), dtype=object)
-        column[:] = [r[name] for r in rows]
-        batch[name] = column
-    batch["end"] = batch["end"].astype(bool)
-    batch["num_rows"] = batch["num_rows"].astype(np.int64)
-    return batch
+def _encoders(recipe: Recipe, tokenizer: dict) -> list:
+    """The encoder actor pool: one actor per GPU, or fractional-CPU actors that fit beside a reader."""
+    import ray
 
-
-def read_and_preprocess(
-    batch: dict[str, np.ndarray], source: Source, max_items: int | None, image: Any, filters: Any, chunk: int = 32
-) -> Iterator[dict[str, np.ndarray]]:
-    """Ray map_batches over units: read each unit and decode/resize its items in the same task,
-    yielding batches of `chunk` preprocessed rows (encoded bytes never cross the object store)."""
-    for unit in batch["unit"]:
-        rows: list[dict[str, Any]] = []
-        for row in read_unit_rows({"unit": unit}, source, max_items):
-            rows.append(row)
-            if len(rows) == chunk:
-                yield preprocess_batch(_rows_to_batch(rows), image, filters)
-                rows = []
-        if rows:
-            yield preprocess_batch(_rows_to_batch(rows), image, filters)
-
-
-def tokenize_units(units: list[str], source: Source, recipe: Recipe, cached: dict[str, Path], progress: bool) -> int:
-    """Read, preprocess and tokenize `units` on Ray; write each finished unit's cache file."""
-    import ray.data
-    from tqdm import tqdm
-
-    configure_data_context()
     resources = cluster_resources()
     tok = recipe.tokenizer
     num_gpus = int(resources.get("GPU", 0))
+    num_cpus = resources.get("CPU", 1)
     use_gpu = tok.device == "cuda" or (tok.device == "auto" and num_gpus > 0)
     if use_gpu and num_gpus == 0:
         raise ValueError("tokenizer.device: cuda asked for, but the Ray cluster has no GPU")
     num_actors = tok.num_actors or (num_gpus if use_gpu else 1)
-    num_cpus = resources.get("CPU", 1)
-    stage_kwargs = dict(
-        _tokenizer_kwargs(recipe),
-        device="cuda" if use_gpu else "cpu",
-        num_threads=None if use_gpu else max(1, int(num_cpus // (2 * num_actors))),
-    )
-    log.info("tokenizing %d units: %d %s encoder actor(s)", len(units), num_actors, "GPU" if use_gpu else "CPU")
-
-    ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-    ds = ds.map_batches(
-        read_and_preprocess,
-        fn_kwargs={"source": source, "max_items": recipe.limits.max_items, "image": recipe.image, "filters": recipe.filters},
-        batch_size=1,
-        batch_format="numpy",
-    )
-    ds = ds.map_batches(
-        get_tokenizer_stage(),
-        fn_constructor_kwargs=stage_kwargs,
-        batch_size=tok.batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=num_actors),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=tok.cpus_per_actor,
-    )
-    columns = ("key", "tokens", "hash", "width", "height", "meta", "reject", "detail")
-    partial: dict[str, dict[str, list]] = {}
-    expected: dict[str, int] = {}
-    done = 0
-    bar = tqdm(total=len(units), unit="unit", desc=f"{recipe.source}: tokenize", disable=not progress)
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        for i, unit in enumerate(batch["unit"]):
-            rows = partial.setdefault(unit, {c: [] for c in columns})
-            if batch["end"][i]:
-                expected[unit] = int(batch["num_rows"][i])
-            else:
-                for c in columns:
-                    rows[c].append(batch[c][i])
-            if unit in expected and len(rows["key"]) == expected[unit]:
-                write_unit_cache(cached[unit], partial.pop(unit))
-                del expected[unit]
-                done += 1
-                bar.update(1)
-    bar.close()
-    if partial:
-        raise RuntimeError(f"Ray returned incomplete units: {sorted(partial)[:5]}")
-    return done
+    if use_gpu and num_actors > num_gpus:
+        raise ValueError(f"tokenizer.num_actors: {num_actors} GPU actors, but the cluster has {num_gpus} GPU(s)")
+    if not use_gpu and num_actors * tok.cpus_per_actor > num_cpus - 1:
+        fit = int((num_cpus - 1) // tok.cpus_per_actor)
+        raise ValueError(f"tokenizer.num_actors: {num_actors} actors x {tok.cpus_per_actor} CPU do not fit the cluster's "
+                         f"{num_cpus:g} CPUs with one kept for reading; use at most {max(fit, 0)} (or lower "
+                         "tokenizer.cpus_per_actor)")
+    kwargs = dict(_tokenizer_kwargs(recipe), device="cuda" if use_gpu else "cpu",
+                  num_threads=None if use_gpu else max(1, int(num_cpus // (2 * num_actors))))
+    actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else tok.cpus_per_actor,
+                       max_restarts=-1, max_task_retries=3)(EncoderActor)
+    log.info("%d %s encoder actor(s)", num_actors, "GPU" if use_gpu else "CPU")
+    return [actor.remote(get_tokenizer_stage(), kwargs) for _ in range(num_actors)]
 
 
-# ---------------------------------------------------------------- phase 2: sentences -> shards
+def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
+              summary: RunSummary, progress: bool, encoders: list | None = None, progress_actor: Any = None) -> None:
+    import ray
+
+    encoders = encoders or _encoders(recipe, tokenizer)
+    progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
+    task = ray.remote(num_cpus=1, max_retries=3)(tokenize_part)
+    seen = {"items": 0, "rejected": 0}
+
+    def done(part: Part, record: Any) -> None:
+        seen["items"] += record.items
+        seen["rejected"] += record.rejected
+        summary.parts_tokenized += 1
+        _check_early(recipe, out, seen["rejected"], seen["items"], final=False)
+
+    def submit(part: Part):
+        return task.remote(part, source_ref, recipe, str(out), _part_hash(work_hash, part), encoders, progress_actor)
+
+    _run_tasks(f"{recipe.source}: tokenize", parts, submit, done, progress, progress_actor=progress_actor)
 
 
-def _iter_units(recipe: Recipe, units: list[str], cached: dict[str, Path], rejects: list[Reject]) -> Iterator[UnitImages]:
-    """Tokenized images unit by unit in input order, after the limit and exact-duplicate removal."""
-    remaining = math.inf if recipe.limits.max_items is None else recipe.limits.max_items
-    first_key: dict[bytes, str] = {}  # content hash -> key of its first occurrence
-    for unit in units:
+def _tokenize_limited(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
+                      summary: RunSummary, progress: bool) -> list[Part]:
+    """With limits.max_items: parts in input order, each reading what the limit leaves, until it is
+    reached. -> the parts that take part in the run."""
+    import ray
+
+    remaining = recipe.limits.max_items
+    encoders, progress_actor, used = None, None, []
+    for part in parts:
         if remaining <= 0:
-            return
-        images, unit_rejects, num_rows = read_unit_cache(cached[unit], unit, max_rows=remaining)
-        remaining -= num_rows
-        rejects.extend(unit_rejects)
-        if recipe.filters.dedup:
-            kept = []
-            for image in images:
-                digest = bytes.fromhex(image.content_hash[:32])
-                if digest in first_key:
-                    rejects.append(Reject(image.key, DUPLICATE, f"same bytes as {first_key[digest]}", unit))
-                else:
-                    first_key[digest] = image.key
-                    kept.append(image)
-            images = kept
-        yield UnitImages(unit, images)
+            break
+        part.budget = remaining
+        if not work_valid(out, part.index, _part_hash(work_hash, part)):
+            encoders = encoders or _encoders(recipe, tokenizer)
+            progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
+            _tokenize([part], source_ref, recipe, out, work_hash, tokenizer, summary, progress, encoders, progress_actor)
+        record = L.read_json(out / L.PARTS_DIR / f"{part.name}.json", "a part record")
+        remaining -= record["items"]
+        used.append(part)
+    return used
 
 
-def write_sentences(
-    source: Source, recipe: Recipe, units: list[str], cached: dict[str, Path], out: Path, manifest: dict, progress: bool
-) -> RunSummary:
+def _run_tasks(desc: str, items: list, submit: Callable[[Any], Any], done: Callable[[Any, Any], None],
+               progress: bool, progress_actor: Any = None) -> None:
+    """Submit one task per item with a bounded number in flight; call `done` as each finishes."""
+    import ray
     from tqdm import tqdm
 
-    per_shard = recipe.output.sentences_per_shard
-    rejects: list[Reject] = []
-    read_rejects = 0
-    num_items = 0
-    summary = RunSummary(out_dir=str(out))
-    seen_ids: set[str] = set()
-    rows: list[dict[str, Any]] = []
-    shard_index = 0
-    bar = tqdm(desc=f"{recipe.source}: write", unit="sentence", disable=not progress)
+    if not items:
+        return
+    limit = max(4, int(cluster_resources().get("CPU", 1)) * 2)
+    pending = list(reversed(items))
+    in_flight: dict[Any, Any] = {}
+    unit = "item" if progress_actor is not None else "part"
+    bar = tqdm(desc=desc, unit=unit, total=None if progress_actor is not None else len(items), disable=not progress,
+               dynamic_ncols=True)
+    finished = 0
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < limit:
+                item = pending.pop()
+                in_flight[submit(item)] = item
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                item = in_flight.pop(ref)
+                done(item, ray.get(ref))
+                finished += 1
+                if progress_actor is None:
+                    bar.update(1)
+            if progress_actor is not None:
+                count = ray.get(progress_actor.get.remote())
+                if finished:
+                    bar.total = max(count, int(count / finished * len(items)) if len(items) > finished else count)
+                bar.update(count - bar.n)
+    finally:
+        for ref in in_flight:
+            ray.cancel(ref, force=True)
+        bar.close()
 
-    def flush() -> None:
-        nonlocal rows, shard_index
-        name = f"{recipe.source}-{shard_index:05d}.parquet"
-        counts = _shard_counts(rows)
-        if manifest["shards"].get(name) != counts or not (out / name).is_file():
-            write_shard(rows, out / name, recipe.output.row_group_size, recipe.output.compression, recipe.output.compression_level)
-            manifest["shards"][name] = counts
-            M.write_manifest(out, manifest)
-        summary.shards += 1
-        bar.update(len(rows))
-        shard_index += 1
-        rows = []
 
-    def unit_stream() -> Iterator[UnitImages]:
-        nonlocal read_rejects, num_items
-        for unit_images in _iter_units(recipe, units, cached, rejects):
-            num_items += len(unit_images.images)
-            yield unit_images
-        read_rejects = len(rejects)
-        num_items += read_rejects
-        _check_reject_rate(read_rejects, num_items, recipe, out, manifest, rejects)
+def _dedup_valid(out: Path, output_hash: str, num_parts: int) -> bool:
+    try:
+        record = L.read_json(out / L.PLAN_DIR / "dedup.json", "the dedup record")
+    except L.CorruptRunError:
+        return False
+    return bool(record) and record.get("output_hash") == output_hash and record.get("parts") == num_parts
 
-    for obj in source.assemble(unit_stream()):
-        if isinstance(obj, Reject):
-            rejects.append(obj)
-            continue
-        obj.meta["tokenizer"] = manifest["tokenizer"]["id"]  # rows stay traceable when runs are mixed
-        row = obj.to_row(recipe.source)
-        assert row["id"] not in seen_ids, f"duplicate sentence id {row['id']}"
-        seen_ids.add(row["id"])
-        rows.append(row)
-        summary.sentences += 1
-        summary.images += row["num_images"]
-        summary.tokens += len(row["tokens"])
-        if len(rows) == per_shard:
-            flush()
-    if rows:
-        flush()
-    bar.close()
-    stale = set(manifest["shards"]) - {f"{recipe.source}-{i:05d}.parquet" for i in range(shard_index)}
-    for name in stale:  # shards of an earlier, larger output of the same recipe cannot exist; guard anyway
-        (out / name).unlink(missing_ok=True)
-        del manifest["shards"][name]
 
-    by_reason: dict[str, int] = {}
-    for r in rejects:
-        by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
-    atomic_write_table(rejects_table(rejects), out / M.REJECTS_FILE, compression="zstd")
-    manifest.update(
-        status="complete",
-        totals={"sentences": summary.sentences, "images": summary.images, "tokens": summary.tokens,
-                "rejected": len(rejects), "inputs": num_items},
-        rejects={"file": M.REJECTS_FILE, "count": len(rejects), "by_reason": dict(sorted(by_reason.items()))},
-    )
+def _plan_valid(out: Path, output_hash: str) -> bool:
+    try:
+        record = L.read_json(out / L.PLAN_DIR / "plan.json", "the plan record")
+    except L.CorruptRunError:
+        return False
+    return bool(record) and record.get("output_hash") == output_hash
+
+
+def _dedup(out: Path, parts: list[Part], output_hash: str) -> None:
+    import ray
+
+    from uvd.dedup import bucket_ranges, dedup_task
+
+    for old in (out / L.PLAN_DIR).glob("dups-*.parquet"):
+        old.unlink()
+    kept = sum(u[2] for rec in _part_records(out, parts) for u in rec["per_unit"])
+    ranges = bucket_ranges(kept)
+    task = ray.remote(num_cpus=1, max_retries=3)(dedup_task)
+    found = {"dups": 0}
+    _run_tasks("dedup", list(enumerate(ranges)), lambda t: task.remote(str(out), len(parts), t[0], *t[1]),
+               lambda _, n: found.__setitem__("dups", found["dups"] + n), progress=False)
+    L.write_json(out / L.PLAN_DIR / "dedup.json", {"output_hash": output_hash, "parts": len(parts),
+                                                   "tasks": len(ranges), "duplicates": found["dups"]})
+    log.info("dedup: %d exact duplicates among %d images (%d task(s))", found["dups"], kept, len(ranges))
+
+
+def _part_records(out: Path, parts: list[Part]) -> Iterable[dict]:
+    for p in parts:
+        record = L.read_json(out / L.PARTS_DIR / f"{p.name}.json", "a part record")
+        if record is None:
+            raise L.CorruptRunError(out / L.PARTS_DIR / f"{p.name}.json", "a part record is missing")
+        yield record
+
+
+def parts_summary(out: Path, parts: list[Part]) -> list[dict]:
+    """Per part: its units and their kept counts (what planners work from; no keys, no tokens)."""
+    return [{"index": p.index, "units": p.units, "first_unit": p.first_unit,
+             "per_unit": rec["per_unit"]} for p, rec in zip(parts, _part_records(out, parts))]
+
+
+def _plan_remote():
+    import ray
+
+    def plan(source: Source, run_dir: str, parts: list[dict]) -> None:
+        source.plan(Path(run_dir), parts)
+
+    return ray.remote(num_cpus=1, max_retries=3)(plan)
+
+
+def _check_early(recipe: Recipe, out: Path, rejected: int, items: int, final: bool) -> None:
+    """Fail as soon as the reject rate is clearly over the limit (so no GPU time is wasted)."""
+    if not items or (not final and items < MIN_ITEMS_FOR_EARLY_FAIL):
+        return
+    rate = rejected / items
+    if rate <= recipe.limits.max_reject_rate:
+        return
+    manifest = M.read_manifest(out) or {}
+    when = "" if final else f" after the first {items:,} inputs"
+    manifest.update(status="failed", failure=f"{rejected} of {items} inputs rejected ({rate:.1%}){when}")
     M.write_manifest(out, manifest)
-    summary.rejected, summary.rejected_by_reason = len(rejects), manifest["rejects"]["by_reason"]
+    raise JobFailed(
+        f"{rejected:,} of {items:,} inputs rejected ({rate:.1%}){when}, over limits.max_reject_rate="
+        f"{recipe.limits.max_reject_rate}; see the rejects under {out}. The tokenized parts are kept: raising the "
+        "limit (or fixing the inputs' problem) and rerunning resumes without re-tokenizing."
+    )
+
+
+def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, output_hash: str, summary: RunSummary,
+             start: float) -> RunSummary:
+    """Fold the write records into the manifest (one rewrite), judge the reject rate, finish."""
+    shards: dict[str, dict] = {}
+    rejects = {"files": [], "count": 0, "by_reason": {}}
+    totals = {"sentences": 0, "images": 0, "tokens": 0, "rejected": 0, "inputs": 0}
+    for p in parts:
+        ok, record = write_valid(out, p.index, output_hash, "exists")
+        if not ok:
+            raise L.CorruptRunError(out / L.WRITES_DIR / f"{p.name}.json", "a part's write record is missing after writing")
+        shards.update(record["shards"])
+        rejects["files"].append(record["rejects"]["file"])
+        rejects["count"] += record["rejects"]["count"]
+        for reason, n in record["rejects"]["by_reason"].items():
+            rejects["by_reason"][reason] = rejects["by_reason"].get(reason, 0) + n
+        for k in ("sentences", "images", "tokens"):
+            totals[k] += record[k]
+        totals["inputs"] += record["inputs"]
+    totals["rejected"] = rejects["count"]
+    rejects["by_reason"] = dict(sorted(rejects["by_reason"].items()))
+    manifest.update(shards=shards, rejects=rejects, totals=totals)
+    M.write_manifest(out, manifest)
+    _check_early(recipe, out, totals["rejected"], totals["inputs"], final=True)
+    manifest["status"] = "complete"
+    M.write_manifest(out, manifest)
+    write_card(out, recipe, manifest)
+    if not recipe.output.keep_work:
+        shutil.rmtree(out / L.WORK_DIR, ignore_errors=True)
+    return _finish_summary(summary, manifest, start)
+
+
+def _finish_summary(summary: RunSummary, manifest: dict, start: float, already_complete: bool = False) -> RunSummary:
+    totals = manifest.get("totals", {})
+    summary.sentences, summary.images = totals.get("sentences", 0), totals.get("images", 0)
+    summary.tokens, summary.rejected = totals.get("tokens", 0), totals.get("rejected", 0)
+    summary.rejected_by_reason = manifest.get("rejects", {}).get("by_reason", {})
+    summary.shards = len(manifest["shards"])
+    summary.already_complete = already_complete
+    summary.tokenizer = manifest.get("tokenizer", summary.tokenizer)
+    summary.seconds = time.time() - start
     return summary
 
 
-def _shard_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    by_task: dict[str, dict[str, int]] = {}
-    for row in rows:
-        t = by_task.setdefault(row["task"], {"sentences": 0, "images": 0, "tokens": 0})
-        t["sentences"] += 1
-        t["images"] += row["num_images"]
-        t["tokens"] += len(row["tokens"])
-    return {
-        "sentences": len(rows),
-        "images": sum(t["images"] for t in by_task.values()),
-        "tokens": sum(t["tokens"] for t in by_task.values()),
-        "by_task": by_task,
-    }
+def write_card(out: Path, recipe: Recipe, manifest: dict) -> None:
+    """README.md: a Hugging Face dataset card, so `load_dataset(RUN)` reads the shards as-is."""
+    t = manifest["totals"]
+    tasks = sorted({task for c in manifest["shards"].values() for task in c.get("by_task", {})})
+    card = f"""---
+configs:
+- config_name: default
+  data_files: "{L.DATA_DIR}/*.parquet"
+- config_name: rejects
+  data_files: "{L.REJECTS_DIR}/*.parquet"
+tags:
+- uvd
+- visual-sentences
+- vqgan-tokens
+---
+{L.CARD_MARKER}
+# UVD run: `{recipe.source}`
 
+Visual sentences tokenized by UVD (the Unified Vision Dataset pipeline of the Large Vision Model).
+One row per sentence: `id`, `source`, `task`, `num_images`, `tokens` (list<uint16>: `num_images` x 256
+visual ids in [0, 8192), image after image, no special ids), `images` (provenance of each image), `meta`
+(JSON). The `rejects` config lists every input that is in no sentence, with its reason.
 
-def _check_reject_rate(num_rejects: int, num_items: int, recipe: Recipe, out: Path, manifest: dict, rejects: list[Reject]) -> None:
-    rate = num_rejects / max(num_items, 1)
-    if rate <= recipe.limits.max_reject_rate:
-        return
-    atomic_write_table(rejects_table(rejects), out / M.REJECTS_FILE, compression="zstd")
-    manifest["status"] = "failed"
-    manifest["failure"] = f"{num_rejects} of {num_items} inputs rejected ({rate:.1%})"
-    M.write_manifest(out, manifest)
-    raise JobFailed(
-        f"{num_rejects} of {num_items} inputs rejected ({rate:.1%}), over limits.max_reject_rate="
-        f"{recipe.limits.max_reject_rate}; see {out / M.REJECTS_FILE}"
-    )
+| | |
+|---|---|
+| source | `{recipe.source}` |
+| tasks | {", ".join(f"`{x}`" for x in tasks) or "-"} |
+| sentences | {t["sentences"]:,} |
+| images | {t["images"]:,} |
+| tokens | {t["tokens"]:,} |
+| rejected inputs | {t["rejected"]:,} |
+| tokenizer | `{manifest["tokenizer"]["id"]}` ({"trained" if manifest["tokenizer"]["trained"] else "UNTRAINED: tokens carry no meaning"}) |
+| recipe hash | `{manifest["recipe_hash"]}` |
 
+```python
+from datasets import load_dataset
+sentences = load_dataset("parquet", data_dir="{L.DATA_DIR}")  # or load_dataset(RUN_DIR)
+rejects = load_dataset(RUN_DIR, "rejects")
+```
 
-def _summary_from_manifest(out: Path, manifest: dict, start: float, already_complete: bool) -> RunSummary:
-    totals = manifest.get("totals", {})
-    return RunSummary(
-        out_dir=str(out),
-        sentences=totals.get("sentences", 0),
-        images=totals.get("images", 0),
-        tokens=totals.get("tokens", 0),
-        rejected=totals.get("rejected", 0),
-        rejected_by_reason=manifest.get("rejects", {}).get("by_reason", {}),
-        shards=len(manifest["shards"]),
-        units_total=manifest.get("units", 0),
-        already_complete=already_complete,
-        seconds=time.time() - start,
-        tokenizer=manifest.get("tokenizer", {}),
-    )
+## Recipe
+
+```yaml
+{recipe.to_yaml().strip()}
+```
+"""
+    L.atomic_write_bytes(out / L.CARD_FILE, card.encode())

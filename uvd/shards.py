@@ -1,10 +1,9 @@
-"""Sharded Parquet output: the Arrow schema of the output contract, atomic shard writes,
-and readers for shards, rejects and the per-unit token cache.
+"""Parquet tables of a run: the Arrow schema of the output contract (shards), of the rejects,
+and of phase 1's per-part work files; turning rows into tables and tables into file bytes.
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import uuid
 from pathlib import Path
@@ -14,9 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from uvd.records import ImageRecord, Reject
+from uvd.records import Reject
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards under data/, rejects under rejects/, records under _uvd/
 
 SENTENCE_SCHEMA = pa.schema(
     [
@@ -34,12 +33,14 @@ REJECT_SCHEMA = pa.schema(
     [("unit", pa.string()), ("key", pa.string()), ("reason", pa.string()), ("detail", pa.string())]
 )
 
-# The per-unit cache of tokenized images that makes runs resumable (under _work/).
-UNIT_SCHEMA = pa.schema(
+# Phase 1's output per part (under _uvd/work/): every item read, tokenized or rejected, in order.
+WORK_SCHEMA = pa.schema(
     [
+        ("ordinal", pa.int32()),  # position of the item in its part (input order)
+        ("unit", pa.int32()),  # global index of its unit
         ("key", pa.string()),
-        ("tokens", pa.list_(pa.uint16())),
-        ("hash", pa.string()),
+        ("tokens", pa.list_(pa.uint16())),  # empty for rejects
+        ("digest", pa.binary(16)),  # content hash (first 16 bytes of sha256); null for rejects
         ("width", pa.int32()),
         ("height", pa.int32()),
         ("meta", pa.string()),
@@ -93,45 +94,15 @@ def rejects_table(rejects: Iterable[Reject]) -> pa.Table:
     )
 
 
-def write_unit_cache(path: Path, rows: dict[str, list]) -> None:
-    table = pa.table(
-        {
-            "key": rows["key"],
-            "tokens": uint16_lists(rows["tokens"]),
-            "hash": rows["hash"],
-            "width": pa.array(rows["width"], pa.int32()),
-            "height": pa.array(rows["height"], pa.int32()),
-            "meta": rows["meta"],
-            "reject": rows["reject"],
-            "detail": rows["detail"],
-        },
-        schema=UNIT_SCHEMA,
-    )
-    atomic_write_table(table, path, compression="zstd")
+def table_bytes(table: pa.Table, **parquet_kwargs: Any) -> bytes:
+    """A table as Parquet file bytes (so size and checksum are known before the file is placed)."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, **parquet_kwargs)
+    return sink.getvalue().to_pybytes()
 
 
-def read_unit_cache(path: Path, unit: str, max_rows: float = math.inf) -> tuple[list[ImageRecord], list[Reject], int]:
-    """-> (tokenized images in reading order, rejected items, rows read): the first `max_rows` rows."""
-    table = pq.read_table(path)
-    if table.num_rows > max_rows:
-        table = table.slice(0, int(max_rows))
-    tokens = table.column("tokens").combine_chunks()
-    flat = tokens.values.to_numpy(zero_copy_only=False).astype(np.uint16)
-    offsets = tokens.offsets.to_numpy()
-    columns = table.drop_columns(["tokens"]).to_pydict()
-    images, rejects = [], []
-    for i, key in enumerate(columns["key"]):
-        if columns["reject"][i]:
-            rejects.append(Reject(key, columns["reject"][i], columns["detail"][i], unit))
-            continue
-        images.append(
-            ImageRecord(
-                key=key,
-                tokens=flat[offsets[i] : offsets[i + 1]],
-                content_hash=columns["hash"][i],
-                width=columns["width"][i],
-                height=columns["height"][i],
-                meta=json.loads(columns["meta"][i]) if columns["meta"][i] else {},
-            )
-        )
-    return images, rejects, table.num_rows
+def shard_kwargs(row_group_size: int, compression: str, level: int) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"row_group_size": row_group_size, "compression": compression}
+    if compression in ("zstd", "gzip"):
+        kwargs["compression_level"] = level
+    return kwargs

@@ -1,9 +1,12 @@
 """The interface every source in `pipelines/` implements: enumerate, read, assemble.
 
-`list_units` runs on the driver, `read_unit` inside Ray tasks (one call per unit of
-input: a tar shard, a class folder, a video), `assemble` on the driver over the
-tokenized images of every unit, in unit order. Decode, resize, tokenize and write are
-shared and live elsewhere.
+`list_units` runs on the driver (names only: a tar shard, a class folder, a video, a chunk of
+a dataset's images); `read_unit` and `assemble` run inside Ray tasks. Most sources assemble
+each unit on its own (`assembly = "unit"`: `assemble` gets one unit's tokenized images, with
+`self.rng` seeded from the recipe seed and the unit's name). A source whose sentences span
+units (`assembly = "global"`) instead implements `plan` (one task, from per-unit counts only,
+writes a plan under the run's `_uvd/plan/`) and `materialize` (per part, from that plan).
+Decode, resize, tokenize and write are shared and live elsewhere.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ class UnitImages:
 class Source:
     name: ClassVar[str]
     Options: ClassVar[type] = NoOptions
+    assembly: ClassVar[str] = "unit"  # "unit": sentences never span units; "global": plan + materialize
+    units_per_part: ClassVar[int] = 1  # default units per part (recipe: output.units_per_part)
+    input_hint: ClassVar[str] = "input files"  # what list_units looks for, for the "no input" message
 
     def __init__(self, recipe: Recipe):
         self.recipe = recipe
@@ -55,6 +61,18 @@ class Source:
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
         """Turn tokenized images into sentences; every image not used is yielded as a Reject."""
+        raise NotImplementedError
+
+    def looks_for(self) -> str:
+        return f"{self.input_hint} under {', '.join(self.recipe.inputs)}"
+
+    # Sources with assembly = "global" implement these two instead of `assemble`.
+    def plan(self, run_dir: Path, parts: list[dict]) -> None:
+        """From each part's units and their kept image counts, write the plan (under _uvd/plan/)."""
+        raise NotImplementedError
+
+    def materialize(self, part, images: list[UnitImages], run_dir: Path) -> Iterator[Sentence | Reject]:
+        """The sentences the plan gives this part, and the rejects of its own units."""
         raise NotImplementedError
 
 

@@ -4,6 +4,7 @@ images, tokens and token share; rejections by reason.
     uvd stats out/            # one run folder, or a parent folder of several runs (summed)
     uvd stats out/ --json     # the layout of SPEC.md's output contract
     uvd stats out/ --codebook # plus code usage per source (histogram, perplexity, dead codes); reads the tokens
+    uvd stats out/ --verify   # plus every shard's size and checksum against the run's record
 """
 from __future__ import annotations
 
@@ -12,9 +13,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
+from uvd import layout as L
 from uvd import manifest as M
 
 
@@ -22,9 +21,11 @@ def _counter() -> dict[str, int]:
     return {"sentences": 0, "images": 0, "tokens": 0}
 
 
-def compute_stats(root: str | Path, codebook: bool = False) -> dict[str, Any]:
-    """Counts from the manifests and shards; with `codebook`, also `by_source[NAME]["codebook"]` and a
-    `codebook` total (uvd.audit's codebook_stats of the visual ids), which reads every token."""
+def compute_stats(root: str | Path, codebook: bool = False, verify: bool = False) -> dict[str, Any]:
+    """Counts from the manifests (and the write records of unfinished runs), never the token
+    columns; with `codebook`, also `by_source[NAME]["codebook"]` and a `codebook` total (uvd.audit's
+    codebook_stats of the visual ids), which reads every token; with `verify`, every listed shard's
+    size and checksum are checked (`damaged` lists the ones that fail)."""
     root = Path(root)
     runs = M.find_runs(root)
     if not runs:
@@ -33,37 +34,42 @@ def compute_stats(root: str | Path, codebook: bool = False) -> dict[str, Any]:
     by_source: dict[str, dict[str, Any]] = {}
     by_reason: Counter[str] = Counter()
     run_info = []
+    damaged: list[dict[str, str]] = []
     for run in runs:
         manifest = M.read_manifest(run)
+        shards, rejects = M.run_index(run, manifest)
         run_info.append(
             {
                 "path": str(run.relative_to(root)) if run != root else ".",
                 "source": manifest["source"],
                 "status": manifest["status"],
-                "shards": len(manifest["shards"]),
+                "shards": len(shards),
                 "tokenizer": manifest.get("tokenizer", {}).get("id"),
             }
         )
-        for shard in sorted(manifest["shards"]):
-            table = pq.read_table(run / shard, columns=["source", "task", "num_images", "tokens"])
-            lengths = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
-            columns = table.select(["source", "task", "num_images"]).to_pydict()
-            for source, task, num_images, num_tokens in zip(columns["source"], columns["task"], columns["num_images"], lengths):
+        for name, counts in sorted(shards.items()):
+            path = L.checked_name(run, name, "shard")
+            if verify:
+                problem = _verify_shard(path, counts)
+                if problem:
+                    damaged.append(problem)
+            for task, c in counts.get("by_task", {}).items():
+                source = manifest["source"]
                 entry = by_source.setdefault(source, {**_counter(), "tasks": {}, "rejected": 0, "rejected_by_reason": {}})
                 task_entry = entry["tasks"].setdefault(task, _counter())
-                for counts in (totals, entry, task_entry):
-                    counts["sentences"] += 1
-                    counts["images"] += num_images
-                    counts["tokens"] += int(num_tokens)
-        rejects_path = run / M.REJECTS_FILE
-        if rejects_path.is_file():
-            reasons = Counter(pq.read_table(rejects_path, columns=["reason"]).column("reason").to_pylist())
-            entry = by_source.setdefault(manifest["source"], {**_counter(), "tasks": {}, "rejected": 0, "rejected_by_reason": {}})
-            for reason, count in reasons.items():
-                entry["rejected_by_reason"][reason] = entry["rejected_by_reason"].get(reason, 0) + count
-            entry["rejected"] += sum(reasons.values())
-            by_reason.update(reasons)
-            totals["rejected"] += sum(reasons.values())
+                for target in (totals, entry, task_entry):
+                    for k in ("sentences", "images", "tokens"):
+                        target[k] += c[k]
+        for name in rejects.get("files", []):
+            if not L.checked_name(run, name, "rejects").is_file():
+                raise L.CorruptRunError(run / name, "a rejects file the run lists is missing; rerun `uvd run` with the "
+                                                    "same recipe and --out to rewrite it")
+        entry = by_source.setdefault(manifest["source"], {**_counter(), "tasks": {}, "rejected": 0, "rejected_by_reason": {}})
+        for reason, count in rejects.get("by_reason", {}).items():
+            entry["rejected_by_reason"][reason] = entry["rejected_by_reason"].get(reason, 0) + count
+            by_reason[reason] += count
+        entry["rejected"] += rejects.get("count", 0)
+        totals["rejected"] += rejects.get("count", 0)
     all_tokens = max(totals["tokens"], 1)
     for entry in by_source.values():
         entry["token_share"] = entry["tokens"] / all_tokens
@@ -76,9 +82,24 @@ def compute_stats(root: str | Path, codebook: bool = False) -> dict[str, Any]:
         "by_source": dict(sorted(by_source.items())),
         "rejected_by_reason": dict(sorted(by_reason.items())),
     }
+    if verify:
+        stats["damaged"] = damaged
     if codebook:
         add_codebook_stats(stats, root)
     return stats
+
+
+def _verify_shard(path: Path, counts: dict[str, Any]) -> dict[str, str] | None:
+    import hashlib
+
+    if not path.is_file():
+        return {"shard": str(path), "problem": "missing"}
+    data = path.read_bytes()
+    if "bytes" in counts and len(data) != counts["bytes"]:
+        return {"shard": str(path), "problem": f"{len(data)} bytes, the run recorded {counts['bytes']}"}
+    if "sha256" in counts and hashlib.sha256(data).hexdigest() != counts["sha256"]:
+        return {"shard": str(path), "problem": "checksum differs from the recorded one"}
+    return None
 
 
 def add_codebook_stats(stats: dict[str, Any], root: str | Path) -> None:
@@ -129,6 +150,9 @@ def format_stats(stats: dict[str, Any]) -> str:
     for run in stats["runs"]:
         if run["status"] != "complete":
             lines.append(f"  ! {run['path']}: status {run['status']} (only its finished shards are counted)")
+    for bad in stats.get("damaged", []):
+        lines.append(f"  ! damaged shard {bad['shard']}: {bad['problem']} (rerun `uvd run` with the same recipe and "
+                     "--out: only its part is redone)")
     w = max([len("source"), *(len(n) for n in stats["by_source"])]) + 2
     tw = max([len("task"), *(len(t) for e in stats["by_source"].values() for t in e["tasks"])]) + 2
     header = f"{'source':<{w}}{'task':<{tw}}{'sentences':>11}{'images':>11}{'tokens':>15}{'share':>9}"

@@ -1,0 +1,255 @@
+"""Phase 1, inside a Ray task: read a part's units, decode and resize every item, tokenize the
+images on the encoder actors, and write the part's work file (tokens, content digests, rejects)
+and its record, all under `_uvd/`.
+
+One task per part of consecutive units. Items keep their input order (`ordinal`), and encoder
+batches are cut from that order, so the tokens never depend on which actor or node ran them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from uvd import layout as L
+from uvd.images import ImageRejected, decode_image, resize_array
+from uvd.records import UNREADABLE, Item
+from uvd.shards import WORK_SCHEMA, table_bytes, uint16_lists
+
+log = logging.getLogger(__name__)
+
+MAX_BATCHES_IN_FLIGHT = 2  # per part task: decode the next batch while the encoder runs this one
+DIGEST_BUCKETS = 1 << 16  # dedup partitions by the first two bytes of the digest
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
+
+
+@dataclass
+class Part:
+    """Consecutive units processed (and resumed, and written) together."""
+
+    index: int
+    units: list[str]
+    first_unit: int  # global index of units[0]
+    budget: int | None = None  # with limits.max_items: items this part may still read
+
+    @property
+    def name(self) -> str:
+        return L.part_name(self.index)
+
+
+@dataclass
+class PartRecord:
+    """What a finished part reports back to the driver (small: counts only)."""
+
+    part: int
+    items: int = 0
+    rejected: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
+    per_unit: list[list[int]] = field(default_factory=list)  # [unit index, items, kept images]
+    seconds: float = 0.0
+
+
+def preprocess_item(item: Item, image: Any, filters: Any) -> tuple[np.ndarray, int, int, bytes]:
+    """One item -> ((size, size, 3) uint8 pixels, width, height, 16-byte content digest);
+    raises ImageRejected with the reason. The one decode path of runs, tests and tokenizer training."""
+    if item.array is not None:
+        pixels, width, height = resize_array(item.array, image, filters)
+        digest = hashlib.sha256(np.ascontiguousarray(item.array).tobytes()).digest()[:16]
+    else:
+        pixels, width, height = decode_image(item.data, image, filters)
+        digest = hashlib.sha256(item.data).digest()[:16]
+    return pixels, width, height, digest
+
+
+class EncoderActor:
+    """The tokenizer stage in a Ray actor: one per GPU, or fractional-CPU actors."""
+
+    def __init__(self, stage_cls: type, kwargs: dict[str, Any]):
+        self.stage = stage_cls(**kwargs)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        return self.stage.encode_pixels(pixels)  # (B, 256, 256, 3) uint8 -> (B, 256) uint16
+
+    def info(self) -> dict[str, Any]:
+        return self.stage.info
+
+
+def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash: str, encoders: list,
+                  progress: Any = None) -> PartRecord:
+    """Ray task body: the part's work file + record; -> the record's counts."""
+    import ray
+
+    start = time.time()
+    run = Path(run_dir)
+    cols: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
+    record = PartRecord(part.index)
+    batch_rows: list[int] = []
+    batch_pixels: list[np.ndarray] = []
+    in_flight: deque = deque()
+    turn = part.index  # spread parts over the encoders deterministically; any actor gives the same tokens
+    reported = 0
+
+    def submit() -> None:
+        nonlocal turn, reported
+        encoder = encoders[turn % len(encoders)]
+        turn += 1
+        in_flight.append((list(batch_rows), encoder.encode.remote(np.stack(batch_pixels))))
+        batch_rows.clear()
+        batch_pixels.clear()
+        while len(in_flight) > MAX_BATCHES_IN_FLIGHT:
+            collect()
+        if progress is not None:
+            progress.add.remote(len(cols["key"]) - reported)
+            reported = len(cols["key"])
+
+    def collect() -> None:
+        rows, ref = in_flight.popleft()
+        tokens = ray.get(ref)
+        for row, t in zip(rows, tokens):
+            cols["tokens"][row] = t
+
+    def add(unit_id: int, item: Item, reject: str = "", detail: str = "", pixels=None, size=(0, 0), digest=None):
+        cols["ordinal"].append(len(cols["key"]))
+        cols["unit"].append(unit_id)
+        cols["key"].append(item.key)
+        cols["tokens"].append(np.zeros(0, np.uint16))
+        cols["digest"].append(digest)
+        cols["width"].append(size[0])
+        cols["height"].append(size[1])
+        cols["meta"].append(json.dumps(item.meta, sort_keys=True) if item.meta and not reject else "")
+        cols["reject"].append(reject)
+        cols["detail"].append(_ADDRESS.sub("", detail)[:300])  # "<... at 0x7f..>" would differ between runs
+        if reject:
+            record.rejected += 1
+            record.by_reason[reject] = record.by_reason.get(reject, 0) + 1
+        else:
+            batch_rows.append(len(cols["key"]) - 1)
+            batch_pixels.append(pixels)
+            if len(batch_pixels) == recipe.tokenizer.batch_size:
+                submit()
+
+    budget = part.budget
+    for offset, unit in enumerate(part.units):
+        unit_id = part.first_unit + offset
+        if budget is not None and budget <= 0:
+            break
+        items = kept = 0
+        reader = source.read_unit(unit, budget)
+        while True:
+            try:
+                item = next(reader)
+            except StopIteration:
+                break
+            except (OSError, ValueError, EOFError) as err:  # the unit itself is unreadable (e.g. a tar cut short)
+                log.warning("unit %s: %s", unit, err)
+                add(unit_id, Item(key=f"{unit}#unit"), UNREADABLE, f"{type(err).__name__}: {err}")
+                items += 1
+                break
+            items += 1
+            if item.reject:
+                add(unit_id, item, item.reject, item.detail)
+            else:
+                try:
+                    pixels, width, height, digest = preprocess_item(item, recipe.image, recipe.filters)
+                except ImageRejected as err:
+                    add(unit_id, item, err.reason, err.detail)
+                else:
+                    add(unit_id, item, pixels=pixels, size=(width, height), digest=digest)
+                    kept += 1
+            if budget is not None and items >= budget:
+                break
+        if budget is not None:
+            budget -= items
+        record.items += items
+        record.per_unit.append([unit_id, items, kept])
+    if batch_pixels:
+        submit()
+    while in_flight:
+        collect()
+    if progress is not None:
+        progress.add.remote(len(cols["key"]) - reported)
+
+    write_work(run, part, cols)
+    record.seconds = time.time() - start
+    L.write_json(run / L.PARTS_DIR / f"{part.name}.json", {"work_hash": work_hash, **record.__dict__,
+                                                           "units": part.units, "first_unit": part.first_unit})
+    return record
+
+
+def write_work(run: Path, part: Part, cols: dict[str, list]) -> None:
+    """The work file (every row) and the digest file (kept rows, sorted by dedup bucket)."""
+    table = pa.table(
+        {
+            "ordinal": pa.array(cols["ordinal"], pa.int32()),
+            "unit": pa.array(cols["unit"], pa.int32()),
+            "key": pa.array(cols["key"], pa.string()),
+            "tokens": uint16_lists(cols["tokens"]),
+            "digest": pa.array(cols["digest"], pa.binary(16)),
+            "width": pa.array(cols["width"], pa.int32()),
+            "height": pa.array(cols["height"], pa.int32()),
+            "meta": pa.array(cols["meta"], pa.string()),
+            "reject": pa.array(cols["reject"], pa.string()),
+            "detail": pa.array(cols["detail"], pa.string()),
+        },
+        schema=WORK_SCHEMA,
+    )
+    work = run / L.WORK_DIR
+    L.atomic_write_bytes(work / f"{part.name}.parquet", table_bytes(table, compression="zstd"))
+    kept = [i for i, d in enumerate(cols["digest"]) if d is not None]
+    digests = [cols["digest"][i] for i in kept]
+    buckets = [int.from_bytes(d[:2], "big") for d in digests]
+    order = sorted(range(len(kept)), key=lambda j: (buckets[j], digests[j]))
+    dtable = pa.table(
+        {
+            "bucket": pa.array([buckets[j] for j in order], pa.int32()),
+            "digest": pa.array([digests[j] for j in order], pa.binary(16)),
+            "part": pa.array([part.index] * len(order), pa.int32()),
+            "ordinal": pa.array([kept[j] for j in order], pa.int32()),
+            "unit": pa.array([cols["unit"][kept[j]] for j in order], pa.int32()),
+            "key": pa.array([cols["key"][kept[j]] for j in order], pa.string()),
+        }
+    )
+    L.atomic_write_bytes(work / f"{part.name}.digests.parquet", table_bytes(dtable, row_group_size=4096))
+
+
+def read_work(run: Path, part: int) -> pa.Table:
+    path = run / L.WORK_DIR / f"{L.part_name(part)}.parquet"
+    try:
+        return pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as err:
+        raise L.CorruptRunError(path, f"a work file is missing or damaged ({err})") from None
+
+
+def work_valid(run: Path, part: int, work_hash: str) -> bool:
+    """The part's work (file + record) exists and was made by this exact recipe and tokenizer."""
+    name = L.part_name(part)
+    try:
+        record = L.read_json(run / L.PARTS_DIR / f"{name}.json", "a part record")
+    except L.CorruptRunError:
+        return False
+    return (record is not None and record.get("work_hash") == work_hash
+            and (run / L.WORK_DIR / f"{name}.parquet").is_file()
+            and (run / L.WORK_DIR / f"{name}.digests.parquet").is_file())
+
+
+class Progress:
+    """A tiny Ray actor the part tasks report items to, so the driver's bar counts items."""
+
+    def __init__(self) -> None:
+        self.items = 0
+
+    def add(self, n: int) -> None:
+        self.items += n
+
+    def get(self) -> int:
+        return self.items
