@@ -67,6 +67,8 @@ def layout_images(frames: list, annotations: list, layout: str) -> list:
 class AnnotatedVideoSource(Source):
     name = "annotated_video"
     Options = AnnotatedVideoOptions
+    units_per_part = 8
+    input_hint = "clip folders <clip>/frames/"
 
     def list_units(self) -> list[str]:
         clips = []

@@ -49,6 +49,8 @@ class CocoOptions(P.PairingOptions):
 class CocoSource(Source):
     name = "coco"
     Options = CocoOptions
+    units_per_part = 1
+    input_hint = "COCO roots with annotations/*_<split>.json"
 
     def list_units(self) -> list[str]:
         units = []

@@ -2,7 +2,7 @@
 
     uvd run recipes/dense_annotations.yaml --set inputs=/data/nyu --out out/dense
 
-Layout per root (one unit each): `images/NAME.jpg|png` and any of `depth/NAME.png|npy`
+Layout per root (units of `sentence.images_per_unit` images; pairs are shuffled within a unit): `images/NAME.jpg|png` and any of `depth/NAME.png|npy`
 (16-bit PNG or float .npy), `normals/NAME.png|npy` (RGB or unit vectors), `edges/NAME.png|npy`.
 Edges can instead be computed with Canny (`sentence.edges_from: canny`). Tasks `depth`,
 `normals`, `edges`; a missing, unreadable or wrong-sized annotation is rejected.
@@ -20,7 +20,7 @@ from pipelines import pairing as P
 from pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, chunk_units, resolve_inputs, split_chunk
 
 TASKS = ("depth", "normals", "edges")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
@@ -34,6 +34,7 @@ class DenseOptions(P.PairingOptions):
     edges_from: str = "file"  # file: edges/NAME.png|npy | canny: computed from the image
     canny_low: int = 100
     canny_high: int = 200
+    images_per_unit: int = 1000  # a root is read (and paired) in units of this many images
 
     def validate(self, path: str) -> None:
         super().validate(path)
@@ -42,6 +43,8 @@ class DenseOptions(P.PairingOptions):
             raise ValueError(f"{path}.depth_mode: {self.depth_mode!r} is not one of colormap, grayscale")
         if self.edges_from not in ("file", "canny"):
             raise ValueError(f"{path}.edges_from: {self.edges_from!r} is not one of file, canny")
+        if self.images_per_unit < 1:
+            raise ValueError(f"{path}.images_per_unit: must be >= 1, got {self.images_per_unit}")
         if not 0 <= self.canny_low <= self.canny_high:
             raise ValueError(f"{path}.canny_low: must be in 0..canny_high, got {self.canny_low}")
 
@@ -50,6 +53,8 @@ class DenseOptions(P.PairingOptions):
 class DenseAnnotationsSource(Source):
     name = "dense_annotations"
     Options = DenseOptions
+    units_per_part = 1
+    input_hint = "roots with images/ and depth|normals|edges/"
 
     def list_units(self) -> list[str]:
         roots = resolve_inputs(self.recipe.inputs)
@@ -57,7 +62,8 @@ class DenseAnnotationsSource(Source):
             if not (root / "images").is_dir():
                 raise ValueError(f"inputs: {root} has no images/ folder (layout: images/, depth/, normals/, edges/)")
         check_unique_names(roots, "input folders")
-        return [str(r) for r in roots]
+        size = self.options.images_per_unit
+        return [u for r in roots for u in chunk_units(r, len(_images(r)), size)]
 
     def _folders(self, root: Path) -> dict[str, Path]:
         """Annotation folders present under `root`, per requested task (computed edges need none)."""
@@ -68,15 +74,16 @@ class DenseAnnotationsSource(Source):
         }
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(Path(unit))):
+        for count, item in enumerate(self._items(*split_chunk(unit))):
             if max_items is not None and count >= max_items:
                 return
             yield item
 
-    def _items(self, root: Path) -> Iterator[Item]:
+    def _items(self, root: Path, start: int) -> Iterator[Item]:
         folders = self._folders(root)
         files = {task: _by_stem(folder) for task, folder in folders.items()}
-        images = sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        all_images = _images(root)
+        images = all_images[start: start + self.options.images_per_unit]
         for path in images:
             key = f"{root.name}/images/{path.name}"
             data = path.read_bytes()
@@ -96,7 +103,9 @@ class DenseAnnotationsSource(Source):
                     yield P.reject_item(P.annotation_key(key, task), err.reason, err.detail)
                     continue
                 yield P.annotation_item(key, task, rendered)
-        stems = {p.stem for p in images}
+        if start:
+            return  # annotations without an image are the first unit's rejects
+        stems = {p.stem for p in all_images}
         for task, by_stem in files.items():
             for stem, path in sorted(by_stem.items()):
                 if stem not in stems:
@@ -116,6 +125,10 @@ class DenseAnnotationsSource(Source):
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
         return P.assemble_annotated(units, self.options.tasks, self.options, self.rng)
+
+
+def _images(root: Path) -> list[Path]:
+    return sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:

@@ -46,6 +46,8 @@ class DerivedOptions(P.PairingOptions):
 class DerivedPairsSource(Source):
     name = "derived_pairs"
     Options = DerivedOptions
+    units_per_part = 1
+    input_hint = "folders of images"
 
     def list_units(self) -> list[str]:
         units = []

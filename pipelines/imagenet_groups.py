@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -71,20 +71,16 @@ class ImagenetGroupsSource(Source):
         for path in files[:max_items]:
             yield Item(f"{folder.name}/{path.name}", data=path.read_bytes(), meta={"category": folder.name})
 
-    def plan(self, run_dir: Path, parts: list[dict]) -> None:
-        """Group sentences from per-category counts only: k drawn by weight among the feasible k,
-        then 16/k categories among those with k images left; each category's images are taken in
-        a seeded shuffled order, so a sentence is (k, categories, offsets). Sentences are dealt to
-        the parts in contiguous runs; what is left of each category is its part's remainder."""
+    def plan_groups(self, kept: np.ndarray) -> tuple[list[tuple[int, list[int], list[int]]], np.ndarray]:
+        """From kept image counts per category alone: sentences as (k, categories, offsets) and the
+        images used per category. k is drawn by weight among the feasible k, then 16/k categories
+        among those with k images left; each category is consumed in its shuffled order."""
         n = self.options.images_per_sentence
-        units = [(u, p["index"], name) for p in parts for (u, _, _), name in zip(p["per_unit"], p["units"])]
-        losers = losers_per_unit(Path(run_dir))
-        kept = np.array([k - losers.get(u, 0) for p in parts for u, _, k in p["per_unit"]], np.int64)
-        remaining = kept.copy()
+        remaining = np.asarray(kept, np.int64).copy()
         rng = np.random.default_rng([self.recipe.seed, 1])
         ks = np.array(sorted(k for k, w in self.options.k_weights.items() if w > 0))
         weights = np.array([self.options.k_weights[int(k)] for k in ks], float)
-        sentences: list[tuple[int, np.ndarray, np.ndarray]] = []
+        sentences = []
         while True:
             feasible = np.array([np.count_nonzero(remaining >= k) >= n // k for k in ks])
             if not feasible.any():
@@ -92,22 +88,49 @@ class ImagenetGroupsSource(Source):
             p = weights * feasible
             k = int(rng.choice(ks, p=p / p.sum()))
             cats = np.sort(rng.choice(np.flatnonzero(remaining >= k), n // k, replace=False))
-            offsets = kept[cats] - remaining[cats]
+            sentences.append((k, cats.tolist(), (kept[cats] - remaining[cats]).tolist()))
             remaining[cats] -= k
-            sentences.append((k, cats, offsets))
-        # Deal sentences to parts in contiguous runs, in proportion to their sentence order.
+        return sentences, np.asarray(kept) - remaining
+
+    def _shuffled(self, unit_images: UnitImages) -> list[ImageRecord]:
+        records = list(unit_images.images)
+        random.Random(f"{self.recipe.seed}:{Path(unit_images.unit).name}").shuffle(records)
+        return records
+
+    def _sentences(self, plan, shuffled, names) -> Iterator[Sentence]:
+        for k, cats, offsets in plan:
+            images = [im for c, o in zip(cats, offsets) for im in shuffled(c)[o: o + k]]
+            yield Sentence(f"category_k{k}", images, meta={"k": k, "categories": [Path(names[c]).name for c in cats]})
+
+    def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+        """In memory, over every unit at once: the same sentences as plan + materialize on a run."""
+        units = list(units)
+        plan, used = self.plan_groups(np.array([len(u.images) for u in units], np.int64))
+        shuffled = [self._shuffled(u) for u in units]
+        yield from self._sentences(plan, lambda c: shuffled[c], [u.unit for u in units])
+        for c, u in enumerate(units):
+            for image in shuffled[c][used[c]:]:
+                yield Reject(image.key, R.UNUSED_REMAINDER, f"no room for it in a group of {Path(u.unit).name}", u.unit)
+
+    def plan(self, run_dir: Path, parts: list[dict]) -> None:
+        """Plan from per-unit kept counts (after dedup) and deal the sentences to the parts in
+        contiguous runs; each part's writer materializes its own and its units' remainders."""
+        units = [(u, p["index"], name) for p in parts for (u, _, _), name in zip(p["per_unit"], p["units"])]
+        losers = losers_per_unit(Path(run_dir))
+        kept = np.array([k - losers.get(u, 0) for p in parts for u, _, k in p["per_unit"]], np.int64)
+        sentences, used = self.plan_groups(kept)
         deal = (np.arange(len(sentences)) * len(parts) // max(len(sentences), 1)).astype(np.int32)
         plan = pa.table({
             "part": pa.array(deal, pa.int32()),
             "k": pa.array([k for k, _, _ in sentences], pa.int32()),
-            "units": pa.array([c.tolist() for _, c, _ in sentences], pa.list_(pa.int32())),
-            "offsets": pa.array([o.tolist() for _, _, o in sentences], pa.list_(pa.int32())),
+            "units": pa.array([c for _, c, _ in sentences], pa.list_(pa.int32())),
+            "offsets": pa.array([o for _, _, o in sentences], pa.list_(pa.int32())),
         })
         unit_table = pa.table({
             "unit": pa.array([u for u, _, _ in units], pa.int32()),
             "part": pa.array([p for _, p, _ in units], pa.int32()),
             "name": pa.array([name for _, _, name in units], pa.string()),
-            "used": pa.array((kept - remaining).tolist(), pa.int32()),
+            "used": pa.array(used.tolist(), pa.int32()),
         })
         plan_dir = Path(run_dir) / PLAN_DIR
         atomic_write_bytes(plan_dir / "sentences.parquet", table_bytes(plan, row_group_size=4096))
@@ -115,9 +138,9 @@ class ImagenetGroupsSource(Source):
 
     def materialize(self, part, images: list[UnitImages], run_dir: Path) -> Iterator[Sentence | Reject]:
         run = Path(run_dir)
-        plan = pq.read_table(run / PLAN_DIR / "sentences.parquet", filters=[("part", "=", part.index)]).to_pylist()
+        rows = pq.read_table(run / PLAN_DIR / "sentences.parquet", filters=[("part", "=", part.index)]).to_pylist()
         table = pq.read_table(run / PLAN_DIR / "units.parquet").to_pydict()
-        name_of = dict(zip(table["unit"], table["name"]))
+        names = dict(zip(table["unit"], table["name"]))
         used = dict(zip(table["unit"], table["used"]))
         units_of: dict[int, list[int]] = {}
         for unit_id, p in zip(table["unit"], table["part"]):
@@ -133,19 +156,12 @@ class ImagenetGroupsSource(Source):
                     p = part_of[unit_id]
                     ids = sorted(units_of[p])
                     dups = read_duplicates(run, p) if self.recipe.filters.dedup else {}
-                    other, _ = part_images(run, p, [name_of[u] for u in ids], ids[0], dups)
+                    other, _ = part_images(run, p, [names[u] for u in ids], ids[0], dups)
                     loaded.update(zip(ids, other))
-                records = list(loaded[unit_id].images)
-                random.Random(f"{self.recipe.seed}:{Path(name_of[unit_id]).name}").shuffle(records)
-                shuffled[unit_id] = records
+                shuffled[unit_id] = self._shuffled(loaded[unit_id])
             return shuffled[unit_id]
 
-        for row in plan:
-            k, chosen = row["k"], []
-            for unit_id, offset in zip(row["units"], row["offsets"]):
-                chosen.extend(category(unit_id)[offset: offset + k])
-            categories = [Path(name_of[u]).name for u in row["units"]]
-            yield Sentence(f"category_k{k}", chosen, meta={"k": k, "categories": categories})
+        yield from self._sentences([(r["k"], r["units"], r["offsets"]) for r in rows], category, names)
         for j, unit_images in enumerate(images):
             unit_id = part.first_unit + j
             name = Path(unit_images.unit).name

@@ -33,6 +33,8 @@ class LaionOptions:
 class LaionSource(Source):
     name = "laion"
     Options = LaionOptions
+    units_per_part = 1
+    input_hint = "img2dataset shards *.tar"
 
     def list_units(self) -> list[str]:
         tars: list[Path] = []

@@ -88,6 +88,8 @@ def fetch_objaverse(uids: list[str], cache: Path, download_processes: int = 1) -
 class ObjaverseSource(Source):
     name = "objaverse"
     Options = ObjaverseOptions
+    units_per_part = 4
+    input_hint = "meshes (*.glb, *.gltf, *.obj)"
 
     def list_units(self) -> list[str]:
         if self.options.uids:  # on the driver, once: the read tasks only see the cache

@@ -4,7 +4,7 @@
 
 For style transfer, deraining, denoising, low-light enhancement, stereo (left -> right), ...:
 each root holds `<input_dir>/NAME.ext` and `<target_dir>/NAME.ext` (extensions may differ).
-One unit per root; the recipe names the task. An input without target is `missing_annotation`,
+Units of `sentence.pairs_per_unit` names per root (pairs shuffled within a unit); the recipe names the task. An input without target is `missing_annotation`,
 a target without input `missing_image`; 8 pairs make a sentence {x1, y1, ... x8, y8}.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Iterable, Iterator
 from pipelines import pairing as P
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, chunk_units, resolve_inputs, split_chunk
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 EXAMPLE_TASKS = ("style_transfer", "deraining", "denoising", "low_light", "stereo")
@@ -28,11 +28,14 @@ class PairedOptions(P.PairingOptions):
     task: str = "paired"  # the task name in the shards: deraining, denoising, low_light, stereo, ...
     input_dir: str = "input"  # folder of inputs under each root (stereo: left)
     target_dir: str = "target"  # folder of targets under each root (stereo: right)
+    pairs_per_unit: int = 1000  # a root is read (and paired) in units of this many names
 
     def validate(self, path: str) -> None:
         super().validate(path)
         if not re.fullmatch(r"[a-z][a-z0-9_]*", self.task) or self.task in (P.INPUT, P.TUPLE_TASK):
             raise ValueError(f"{path}.task: {self.task!r} must be a lowercase name such as {', '.join(EXAMPLE_TASKS)}")
+        if self.pairs_per_unit < 1:
+            raise ValueError(f"{path}.pairs_per_unit: must be >= 1, got {self.pairs_per_unit}")
         if not self.input_dir or not self.target_dir or self.input_dir == self.target_dir:
             raise ValueError(f"{path}.input_dir/target_dir: must be two different folder names")
 
@@ -41,6 +44,8 @@ class PairedOptions(P.PairingOptions):
 class PairedFoldersSource(Source):
     name = "paired_folders"
     Options = PairedOptions
+    units_per_part = 1
+    input_hint = "roots with input/ and target/ folders"
 
     def list_units(self) -> list[str]:
         roots = resolve_inputs(self.recipe.inputs)
@@ -52,18 +57,22 @@ class PairedFoldersSource(Source):
                     "(set sentence.input_dir and sentence.target_dir to your folder names)"
                 )
         check_unique_names(roots, "input folders")
-        return [str(r) for r in roots]
+        return [u for r in roots for u in chunk_units(r, len(self._stems(r)), o.pairs_per_unit)]
+
+    def _stems(self, root: Path) -> list[str]:
+        o = self.options
+        return sorted(_by_stem(root / o.input_dir).keys() | _by_stem(root / o.target_dir).keys())
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(Path(unit))):
+        for count, item in enumerate(self._items(*split_chunk(unit))):
             if max_items is not None and count >= max_items:
                 return
             yield item
 
-    def _items(self, root: Path) -> Iterator[Item]:
+    def _items(self, root: Path, start: int) -> Iterator[Item]:
         o = self.options
         inputs, targets = _by_stem(root / o.input_dir), _by_stem(root / o.target_dir)
-        for stem in sorted(inputs.keys() | targets.keys()):
+        for stem in self._stems(root)[start: start + o.pairs_per_unit]:
             source, target = inputs.get(stem), targets.get(stem)
             if source is None:
                 yield P.reject_item(f"{root.name}/{o.target_dir}/{target.name}", P.MISSING_IMAGE, f"no {o.input_dir}/{stem}.*")

@@ -171,6 +171,8 @@ def open_video(path: str, decoder: str, short_side: int | None):
 class VideoSource(Source):
     name = "video"
     Options = VideoOptions
+    units_per_part = 8
+    input_hint = "video files (*.mp4, *.webm, *.mkv, *.avi)"
 
     @classmethod
     def check_recipe(cls, recipe) -> None:

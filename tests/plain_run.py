@@ -1,13 +1,15 @@
-"""A source's read_unit + the shared decode/resize + assemble on plain lists: the pipeline
-without Ray and without the tokenizer (tokens are zeros; pixels are kept by key)."""
+"""A source's read_unit + the shared preprocessing + assembly on plain lists: the production
+pipeline's functions without Ray and without the tokenizer (tokens are zeros; pixels are kept by key)."""
 from __future__ import annotations
 
 import numpy as np
 
-from uvd.images import ImageRejected, decode_image, resize_array
+from uvd.assemble import assemble_units
+from uvd.images import ImageRejected
 from uvd.records import ImageRecord, Reject, Sentence
 from uvd.registry import get_source
 from uvd.source import UnitImages
+from uvd.work import preprocess_item
 
 
 def run_plain(recipe):
@@ -22,16 +24,13 @@ def run_plain(recipe):
                 rejects.append(Reject(item.key, item.reject, item.detail, unit))
                 continue
             try:
-                if item.array is not None:
-                    px, w, h = resize_array(item.array, recipe.image, recipe.filters)
-                else:
-                    px, w, h = decode_image(item.data, recipe.image, recipe.filters)
+                px, w, h, digest = preprocess_item(item, recipe.image, recipe.filters)
             except ImageRejected as err:
                 rejects.append(Reject(item.key, err.reason, err.detail, unit))
                 continue
             pixels[item.key] = px
-            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), item.key, w, h, item.meta))
+            images.append(ImageRecord(item.key, np.zeros(256, np.uint16), digest.hex(), w, h, item.meta))
         units.append(UnitImages(unit, images))
-    out = list(source.assemble(units))
+    out = list(assemble_units(source, units))
     sentences = [o for o in out if isinstance(o, Sentence)]
     return sentences, rejects + [o for o in out if isinstance(o, Reject)], items, pixels

@@ -142,11 +142,20 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
 
 
 def _sentences(source: Any, recipe: Any, run: Path, part: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:
-    if getattr(source, "assembly", "unit") == "global":
+    if source.assembly == "global":
         yield from source.materialize(part, images, run)
+    else:
+        yield from assemble_units(source, images)
+
+
+def assemble_units(source: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:
+    """Sentences of tokenized images, as a run makes them: each unit on its own with its own RNG
+    (unit-local sources), or all units at once in memory (global sources; a run plans instead)."""
+    if source.assembly == "global":
+        yield from source.assemble(images)
         return
     for unit_images in images:
-        source.rng = unit_rng(recipe.seed, unit_images.unit)
+        source.rng = unit_rng(source.recipe.seed, unit_images.unit)
         yield from source.assemble([unit_images])
 
 

@@ -183,10 +183,25 @@ def _encoders(recipe: Recipe, tokenizer: dict) -> list:
                          "tokenizer.cpus_per_actor)")
     kwargs = dict(_tokenizer_kwargs(recipe), device="cuda" if use_gpu else "cpu",
                   num_threads=None if use_gpu else max(1, int(num_cpus // (2 * num_actors))))
+    options: dict[str, Any] = {}
+    if not use_gpu:
+        # Pack fractional CPU actors onto as few nodes as possible: spread over nodes, their
+        # fractions would leave no node a whole CPU for a reader task.
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        group = placement_group([{"CPU": tok.cpus_per_actor}] * num_actors, strategy="PACK")
+        options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else tok.cpus_per_actor,
                        max_restarts=-1, max_task_retries=3)(EncoderActor)
     log.info("%d %s encoder actor(s)", num_actors, "GPU" if use_gpu else "CPU")
-    return [actor.remote(get_tokenizer_stage(), kwargs) for _ in range(num_actors)]
+    actors = [actor.options(**options).remote(get_tokenizer_stage(), kwargs) for _ in range(num_actors)]
+    # Place the pool before any reader: readers that took every CPU first would wait forever for it.
+    ready, pending = ray.wait([a.info.remote() for a in actors], num_returns=num_actors, timeout=600)
+    if pending:
+        raise ValueError(f"tokenizer.num_actors: only {len(ready)} of {num_actors} encoder actors could be placed "
+                         "on the cluster in 10 minutes; lower tokenizer.num_actors or tokenizer.cpus_per_actor")
+    return actors
 
 
 def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,

@@ -111,3 +111,15 @@ def check_unique_names(units: Iterable[str | Path], what: str) -> None:
     clash = sorted({n for n in names if names.count(n) > 1})
     if clash:
         raise ValueError(f"inputs: several {what} are named {clash[0]!r}; keys would not be unique")
+
+
+def chunk_units(root: Path, count: int, size: int) -> list[str]:
+    """Units of at most `size` items of a folder holding `count` (at least one unit, so a
+    folder's own rejects always have a unit): `<root>::<start>`."""
+    return [f"{root}::{start}" for start in range(0, max(count, 1), size)]
+
+
+def split_chunk(unit: str) -> tuple[Path, int]:
+    """`<root>::<start>` -> (root, start)."""
+    root, _, start = unit.rpartition("::")
+    return Path(root), int(start)
