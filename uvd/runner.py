@@ -162,6 +162,21 @@ def _part_hash(work_hash: str, part: Part) -> str:
     return _digest(work_hash, part.units, part.budget)
 
 
+_POOL_GROUPS: list = []  # placement groups of this run's encoder pools, removed when the run ends
+
+
+def _release_pools(actors: list) -> None:
+    """Kill the encoder actors and free their placement groups (a long-lived Ray, e.g. tests or a
+    cluster session running several recipes, must not keep the reservations)."""
+    import ray
+    from ray.util.placement_group import remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+    while _POOL_GROUPS:
+        remove_placement_group(_POOL_GROUPS.pop())
+
+
 def _encoders(recipe: Recipe, tokenizer: dict) -> list:
     """The encoder actor pool: one actor per GPU, or fractional-CPU actors that fit beside a reader."""
     import ray
@@ -191,6 +206,7 @@ def _encoders(recipe: Recipe, tokenizer: dict) -> list:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         group = placement_group([{"CPU": tok.cpus_per_actor}] * num_actors, strategy="PACK")
+        _POOL_GROUPS.append(group)
         options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}
     actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else tok.cpus_per_actor,
                        max_restarts=-1, max_task_retries=3)(EncoderActor)
@@ -208,6 +224,7 @@ def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, wor
               summary: RunSummary, progress: bool, encoders: list | None = None, progress_actor: Any = None) -> None:
     import ray
 
+    own_pool = encoders is None
     encoders = encoders or _encoders(recipe, tokenizer)
     progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
     task = ray.remote(num_cpus=1, max_retries=3)(tokenize_part)
@@ -222,13 +239,25 @@ def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, wor
     def submit(part: Part):
         return task.remote(part, source_ref, recipe, str(out), _part_hash(work_hash, part), encoders, progress_actor)
 
-    _run_tasks(f"{recipe.source}: tokenize", parts, submit, done, progress, progress_actor=progress_actor)
+    try:
+        _run_tasks(f"{recipe.source}: tokenize", parts, submit, done, progress, progress_actor=progress_actor)
+    finally:
+        if own_pool:
+            _release_pools(encoders)
 
 
 def _tokenize_limited(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
                       summary: RunSummary, progress: bool) -> list[Part]:
     """With limits.max_items: parts in input order, each reading what the limit leaves, until it is
     reached. -> the parts that take part in the run."""
+    try:
+        return _limited_parts(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
+    finally:
+        _release_pools([])
+
+
+def _limited_parts(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
+                   summary: RunSummary, progress: bool) -> list[Part]:
     import ray
 
     remaining = recipe.limits.max_items
@@ -244,6 +273,8 @@ def _tokenize_limited(parts: list[Part], source_ref: Any, recipe: Recipe, out: P
         record = L.read_json(out / L.PARTS_DIR / f"{part.name}.json", "a part record")
         remaining -= record["items"]
         used.append(part)
+    if encoders:
+        _release_pools(encoders)
     return used
 
 
