@@ -27,6 +27,7 @@ Image.MAX_IMAGE_PIXELS = None
 
 # Reject reason of this module beyond uvd.records (to be unified there by the lead).
 UNSUPPORTED_MODE = "unsupported_mode"  # decodes to a pixel mode we do not convert (e.g. HSV, La)
+TOO_LARGE = "too_large"  # an input file or tar member over the recipe's byte limit, refused unread
 
 # What Pillow's decoders raise on hostile bytes (found by fuzzing mutated headers and
 # truncations of every format: tests/test_fuzz.py). ArithmeticError covers ZeroDivisionError
