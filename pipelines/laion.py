@@ -236,9 +236,11 @@ class LaionSource(Source):
                 row = table.get(sample.key) if table is not None else sample.row
                 yield self._sample_item(f"{shard}/{sample.key}", sample, row)
         except ShardBroken as err:
-            if err.key is not None and err.key not in seen:
-                seen[err.key] = 1
-                yield Item(f"{shard}/{err.key}", reject=R.UNREADABLE, detail=f"the shard breaks inside this sample: {err}"[:300])
+            if err.key is not None:  # the sample being read (never yielded yet)
+                occurrence = seen.get(err.key, 0) + 1
+                seen[err.key] = occurrence
+                key = f"{shard}/{err.key}" + (f"#{occurrence}" if occurrence > 1 else "")
+                yield Item(key, reject=R.UNREADABLE, detail=f"the shard breaks inside this sample: {err}"[:300])
             for key in table or {}:
                 if key not in seen:
                     yield Item(f"{shard}/{key}", reject=R.UNREADABLE, detail="not reached: the shard breaks before it")

@@ -283,6 +283,16 @@ def test_cut_tar_without_status_table_rejects_the_sample_being_read(tmp_path):
     ]
 
 
+def test_cut_inside_a_repeated_key_gives_it_its_own_reject(tmp_path):
+    tar = write_tar(tmp_path / "00000.tar", sample("000001", 1) + sample("000001", 2))
+    with tarfile.open(tar) as t:
+        second = [m for m in t.getmembers() if m.name == "000001.json"][1]
+    tar.write_bytes(tar.read_bytes()[: second.offset_data + 3])
+    items, error = read_all(source_for(str(tmp_path)), str(tar))
+    assert isinstance(error, OSError)
+    assert [(i.key, i.reject) for i in items] == [("00000.tar/000001", ""), ("00000.tar/000001#2", R.UNREADABLE)]
+
+
 def test_data_after_the_end_of_archive_is_reported(tmp_path):
     first = write_tar(tmp_path / "a.tar", sample("000001", 1)).read_bytes()
     second = write_tar(tmp_path / "b.tar", sample("000002", 2)).read_bytes()
