@@ -256,7 +256,8 @@ class LaionSource(Source):
         if status in FAILED_STATUSES:
             return Item(key, reject=R.DOWNLOAD_FAILED, detail=f"{status}: {row.get('error_message') or ''}"[:300])
         if status != SUCCESS:
-            return Item(key, reject=UNKNOWN_STATUS, detail=f"status {status!r} is not one img2dataset writes; image not used")
+            detail = f"status {status!r} is not one img2dataset writes; image not used"
+            return Item(key, reject=UNKNOWN_STATUS, detail=detail)
         image_ext = next((e for e in IMAGE_EXTENSIONS if e in sample.members), None)
         if image_ext is None:
             return Item(key, reject=MISSING_IMAGE, detail=f"no image member among {sorted(sample.members)}")

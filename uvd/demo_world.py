@@ -393,7 +393,9 @@ def _prepare_root(root: Path) -> Path:
     return root
 
 
-def _hostile_samples(seed: int, photos: tuple[str, ...], tar_name: str, good_key: str, keys: list[str]) -> tuple[list, list, dict]:
+def _hostile_samples(
+    seed: int, photos: tuple[str, ...], tar_name: str, good_key: str, keys: list[str]
+) -> tuple[list, list, dict]:
     """Tar members and status rows that test the reader's accounting, appended to shard 0:
     the same file name in two folders (two good keys), a symlink and a hardlink image, a `.json`
     holding `null`, one in latin-1 (read, recorded), an unknown status (image not used), and a
@@ -404,7 +406,8 @@ def _hostile_samples(seed: int, photos: tuple[str, ...], tar_name: str, good_key
         rng = np.random.default_rng([seed, 1, index])
         img, caption = _laion_sample(rng, photos)
         data = _encode_jpeg(img)
-        meta = {"caption": caption + (" \u00e9t\u00e9" if latin1 else ""), "url": f"https://hostile.example.com/{folder}{key}.jpg",
+        meta = {"caption": caption + (" \u00e9t\u00e9" if latin1 else ""),
+                "url": f"https://hostile.example.com/{folder}{key}.jpg",
                 "key": key, "status": "success", "error_message": None, "width": img.size[0], "height": img.size[1],
                 "original_width": img.size[0], "original_height": img.size[1], "exif": None,
                 "sha256": hashlib.sha256(data).hexdigest()}
@@ -508,9 +511,10 @@ def build_laion_world(
             else:
                 _add_reject(manifest, reason, f"{tar_name}/{key}")
         if hostile and shard == 0:
-            extra = [f"{shard * 10**NUM_SAMPLE_DIGITS + images_per_shard + j:0{NUM_SHARD_DIGITS + NUM_SAMPLE_DIGITS}d}" for j in range(6)]
+            digits = NUM_SHARD_DIGITS + NUM_SAMPLE_DIGITS
+            extra = [f"{shard * 10**NUM_SAMPLE_DIGITS + images_per_shard + j:0{digits}d}" for j in range(6)]
             last_good = max(i for i in range(images_per_shard) if (shard, i) not in plan)
-            good_key = f"{shard * 10**NUM_SAMPLE_DIGITS + last_good:0{NUM_SHARD_DIGITS + NUM_SAMPLE_DIGITS}d}"
+            good_key = f"{shard * 10**NUM_SAMPLE_DIGITS + last_good:0{digits}d}"
             hostile_members, hostile_rows, fate = _hostile_samples(seed, photos, tar_name, good_key, extra)
             members += hostile_members
             rows += hostile_rows
