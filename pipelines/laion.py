@@ -18,8 +18,11 @@ import logging
 import math
 import re
 import stat
+import subprocess
 import tarfile
+import urllib.request
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -36,6 +39,8 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+# Streamed tar shards, as webdataset names them: a shell command's output, or a URL.
+STREAM_PREFIXES = ("pipe:", "http://", "https://")
 
 # Reject reasons of this source beyond uvd.records (to be unified there by the lead).
 UNSUPPORTED_MEMBER = "unsupported_member"  # a symlink, hardlink or device member, or a name with no KEY.ext
@@ -175,8 +180,13 @@ class LaionSource(Source):
 
     def list_units(self) -> list[str]:
         patterns = [p for pattern in self.recipe.inputs for p in expand_braces(pattern)]
-        shards: list[Path] = []
-        for path in resolve_inputs(patterns):
+        streams = [p for p in patterns if p.startswith(STREAM_PREFIXES)]
+        for stream in streams:
+            if not _stream_name(stream).lower().endswith(TAR_SUFFIXES):
+                raise ValueError(f"inputs: {stream!r}: only tar shards (.tar, .tar.gz, .tgz) can be streamed")
+        shards: list[Path | str] = list(streams)
+        local = [p for p in patterns if not p.startswith(STREAM_PREFIXES)]
+        for path in resolve_inputs(local) if local else []:
             if path.is_dir():
                 found = _shards_in(path)
                 if not found:
@@ -189,24 +199,25 @@ class LaionSource(Source):
                 shards.append(path)
             else:
                 raise ValueError(f"inputs: {path} is not a shard (.tar, .tar.gz, .tgz, .parquet or a folder)")
-        check_unique_names(shards, "shards")
+        check_unique_names([_stream_name(str(s)) for s in shards], "shards")
         return [str(s) for s in shards]
 
     # ------------------------------------------------------------------------- reading
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        path = Path(unit)
+        streamed = unit.startswith(STREAM_PREFIXES)
+        path = Path(_stream_name(unit)) if streamed else Path(unit)
         limit = self.recipe.limits.max_member_bytes
-        kind = shard_kind(path)
+        kind = "tar" if streamed else shard_kind(path)
         status_path = path.parent / f"{_stem(path)}.parquet"
         table, table_error = None, None
-        if kind != "parquet" and status_path.is_file():
+        if not streamed and kind != "parquet" and status_path.is_file():
             try:
                 table = read_status_table(status_path)
             except (OSError, ValueError) as err:  # pyarrow's errors are both
                 table_error = f"status table {status_path.name}: {err}"
         if kind == "tar":
-            samples = tar_samples(path, limit)
+            samples = tar_samples(unit if streamed else path, limit)
         elif kind == "files":
             samples = folder_samples(path, limit)
         else:
@@ -383,48 +394,92 @@ class _CountingReader(io.RawIOBase):
             pass
 
 
-def tar_samples(path: Path, max_member_bytes: int) -> Iterator[Sample]:
+def _stream_name(unit: str) -> str:
+    """The shard's file name in a unit: the last word of a pipe: command naming a tar (else its
+    last word), the last part of a URL."""
+    if unit.startswith("pipe:"):
+        names = [Path(w.strip("'\";|&")).name for w in unit[5:].split()] or [unit]
+        return next((n for n in reversed(names) if n.lower().endswith(TAR_SUFFIXES)), names[-1])
+    if unit.startswith(STREAM_PREFIXES):
+        return unit.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    return Path(unit).name
+
+
+@contextmanager
+def open_shard(unit: str | Path):
+    """A binary stream of a shard: a local file, `pipe:CMD` (CMD's standard output, as webdataset's
+    gopen) or an http(s) URL. A command that exits non-zero after a full read is an OSError."""
+    if isinstance(unit, Path) or not unit.startswith(STREAM_PREFIXES):
+        with open(unit, "rb") as f:
+            yield f
+        return
+    if unit.startswith("pipe:"):
+        proc = subprocess.Popen(unit[5:], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        finished = False
+        try:
+            yield proc.stdout
+            finished = True
+        finally:
+            if not finished:  # the reader stopped early (max_items) or failed: do not wait for the command
+                proc.kill()
+            error = proc.stderr.read()[-300:].decode("utf-8", "replace").strip()
+            proc.stdout.close(), proc.stderr.close()
+            code = proc.wait()
+        if finished and code != 0:
+            raise OSError(f"{unit!r} exited with status {code}: {error}")
+        return
+    with urllib.request.urlopen(unit, timeout=60) as response:
+        yield response
+
+
+def tar_samples(path: Path | str, max_member_bytes: int) -> Iterator[Sample]:
     """Consecutive members with the same key -> one `Sample`, streaming (one sample in memory).
 
     Unlike webdataset's tar_file_iterator + group_by_keys, which skip links silently, read every
     member whole before anyone can check its size, and raise on a repeated key, this keeps each
     member's fate: links and specials are `unsupported_member`, members over `max_member_bytes`
     are `too_large` (skipped unread), and a repeated key becomes a second sample."""
-    compressed = path.name.lower().endswith((".tar.gz", ".tgz"))
+    name = _stream_name(str(path))
+    compressed = name.lower().endswith((".tar.gz", ".tgz"))
     current: Sample | None = None
-    with open(path, "rb") as raw:
-        stream = _CountingReader(gzip.GzipFile(fileobj=raw) if compressed else raw)
-        try:
-            with tarfile.open(fileobj=stream, mode="r|") as tar:
-                for info in tar:
-                    if info.isdir() or _WDS_META.match(info.name):
-                        continue
-                    key, ext = split_key(info.name)
-                    if key is None or key.rsplit("/", 1)[-1].startswith("."):
-                        # no KEY.ext (or a hidden file): an item of its own, rejected
-                        if current is not None:
-                            yield current
-                        current = None
-                        yield Sample(info.name, problem=(UNSUPPORTED_MEMBER, f"member {info.name!r} has no KEY.ext name"))
-                        continue
-                    ext = ext.lower()
-                    if current is None or key != current.key or ext in current.members:
-                        if current is not None:
-                            yield current
-                        current = Sample(key)
-                    problem = _member_problem(info, max_member_bytes)
-                    if problem:
-                        current.problem = current.problem or problem
-                        current.members[ext] = b""
-                        continue
-                    current.members[ext] = tar.extractfile(info).read()
-                end = tar.offset
-            stream.drain()
-        except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-            raise ShardBroken(f"{path.name}: {type(err).__name__}: {err}", current.key if current else None) from err
-        problem = _tar_end_problem(stream, end)
-        if problem:
-            raise ShardBroken(f"{path.name}: {problem}", current.key if current else None)
+    try:
+        with open_shard(path) as raw:
+            stream = _CountingReader(gzip.GzipFile(fileobj=raw) if compressed else raw)
+            try:
+                with tarfile.open(fileobj=stream, mode="r|") as tar:
+                    for info in tar:
+                        if info.isdir() or _WDS_META.match(info.name):
+                            continue
+                        key, ext = split_key(info.name)
+                        if key is None or key.rsplit("/", 1)[-1].startswith("."):
+                            # no KEY.ext (or a hidden file): an item of its own, rejected
+                            if current is not None:
+                                yield current
+                            current = None
+                            yield Sample(info.name, problem=(UNSUPPORTED_MEMBER, f"member {info.name!r} has no KEY.ext name"))
+                            continue
+                        ext = ext.lower()
+                        if current is None or key != current.key or ext in current.members:
+                            if current is not None:
+                                yield current
+                            current = Sample(key)
+                        problem = _member_problem(info, max_member_bytes)
+                        if problem:
+                            current.problem = current.problem or problem
+                            current.members[ext] = b""
+                            continue
+                        current.members[ext] = tar.extractfile(info).read()
+                    end = tar.offset
+                stream.drain()
+            except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+                raise ShardBroken(f"{name}: {type(err).__name__}: {err}", current.key if current else None) from err
+            problem = _tar_end_problem(stream, end)
+            if problem:
+                raise ShardBroken(f"{name}: {problem}", current.key if current else None)
+    except ShardBroken:
+        raise
+    except OSError as err:  # the shard could not be opened, or its command failed after a full read
+        raise ShardBroken(f"{name}: {err}", current.key if current else None) from err
     if current is not None:
         yield current
 

@@ -486,3 +486,63 @@ def test_every_member_of_a_hostile_tar_is_accounted_once(tmp_path):
         "": 3, L.UNSUPPORTED_MEMBER: 2, L.DUPLICATE_KEY: 1, L.BAD_METADATA: 1, L.MISSING_IMAGE: 1,
     })
     assert len({i.key for i in items}) == len(items) == 8
+
+
+# ----------------------------------------------------------------------------- streamed shards (pipe:, http)
+
+
+def _tar_items(source, unit):
+    return [(i.key.split("/", 1)[1], i.reject, i.data) for i in read_all(source, unit)[0]]
+
+
+def test_pipe_shards_stream_a_commands_output(tmp_path):
+    tar = write_tar(tmp_path / "00000.tar", sample("000001", 1) + sample("a/000002", 2))
+    (tmp_path / "00000.tar.gz").write_bytes(gzip.compress(tar.read_bytes()))
+    source = source_for([f"pipe:cat {tmp_path}/{{00000.tar,00000.tar.gz}}"])
+    units = source.list_units()
+    assert units == [f"pipe:cat {tmp_path}/00000.tar", f"pipe:cat {tmp_path}/00000.tar.gz"]
+    expected = _tar_items(source_for(str(tar)), str(tar))
+    assert [k for k, _, _ in expected] == ["000001", "a/000002"]
+    for unit in units:
+        items, error = read_all(source, unit)
+        assert error is None and [(i.key.split("/", 1)[1], i.reject, i.data) for i in items] == expected
+        assert items[0].key.startswith(Path(unit.split()[-1]).name + "/")
+    assert len(list(source.read_unit(units[0], max_items=1))) == 1  # stops early: the command is killed
+
+
+def test_failing_pipe_command_is_an_error_of_the_unit(tmp_path):
+    tar = write_tar(tmp_path / "00000.tar", sample("000001", 1) + sample("000002", 2))
+    source = source_for(str(tmp_path))
+    items, error = read_all(source, f"pipe:cat {tar}; exit 3")
+    assert isinstance(error, OSError) and "status 3" in str(error)
+    assert [(i.key, i.reject) for i in items] == [("00000.tar/000001", ""), ("00000.tar/000002", R.UNREADABLE)]
+    items, error = read_all(source, f"pipe:cat {tmp_path}/missing/00000.tar")
+    assert isinstance(error, OSError) and items == []
+    with pytest.raises(ValueError, match="only tar shards"):
+        source_for(["pipe:cat x.zip"]).list_units()
+
+
+def test_http_shards_stream_from_a_url(world, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=world["laion"]["path"])
+    handler.log_message = lambda *args: None
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{{00000..00001}}.tar"
+        source = source_for([url])
+        units = source.list_units()
+        assert len(units) == 2 and units[0].endswith("/00000.tar")
+        local = Path(world["laion"]["path"]) / "00001.tar"
+        got = _tar_items(source, units[1])
+        # no status table beside a stream: the tar's samples only (failed downloads are not in the tar)
+        assert got == [s for s in _tar_items(source_for(str(local)), str(local)) if s[1] != R.DOWNLOAD_FAILED]
+        items, error = read_all(source, units[1].replace("00001.tar", "00009.tar"))
+        assert isinstance(error, OSError) and "404" in str(error) and items == []
+    finally:
+        server.shutdown()
+        server.server_close()
