@@ -6,8 +6,9 @@
 Reads img2dataset's three output formats: `webdataset` (`NNNNN.tar` or `.tar.gz`),
 `parquet` (`NNNNN.parquet` with the image bytes in a column) and `files` (folders `NNNNN/`
 of KEY.jpg/.txt/.json); beside each shard, img2dataset's `NNNNN.parquet` gives each key's
-download `status`. Keys follow webdataset's convention (the in-tar folder is part of the key).
-Every member and every status row becomes exactly one item: an image, or a reject.
+download `status`. Tars can be streamed (`pipe:CMD`, http(s) URLs). Keys follow webdataset's
+convention (the in-tar folder is part of the key). Every member and every status row becomes
+exactly one item: an image, or a reject.
 """
 from __future__ import annotations
 
@@ -216,6 +217,7 @@ class LaionSource(Source):
                 table = read_status_table(status_path)
             except (OSError, ValueError) as err:  # pyarrow's errors are both
                 table_error = f"status table {status_path.name}: {err}"
+                log.warning("%s: %s; reading the shard without it", unit, table_error)
         if kind == "tar":
             samples = tar_samples(unit if streamed else path, limit)
         elif kind == "files":
