@@ -375,8 +375,9 @@ def test_tar_gz_shards_and_brace_lists(world, tmp_path):
     cut = tmp_path / "00000.tar.gz"
     cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
     items, error = read_all(braced, str(cut))
-    rows = pq.read_table(tmp_path / "00000.parquet").num_rows
-    assert isinstance(error, OSError) and len(items) == rows  # every status row of the shard, once
+    status_keys = set(pq.read_table(tmp_path / "00000.parquet").column("key").to_pylist())
+    keys = [i.key.split("/", 1)[1] for i in items]
+    assert isinstance(error, OSError) and len(set(keys)) == len(keys) and status_keys <= set(keys)  # each row once
     assert any(i.reject == R.UNREADABLE for i in items)
 
 

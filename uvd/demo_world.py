@@ -398,14 +398,21 @@ def _hostile_samples(
 ) -> tuple[list, list, dict]:
     """Tar members and status rows that test the reader's accounting, appended to shard 0:
     the same file name in two folders (two good keys), a symlink and a hardlink image, a `.json`
-    holding `null`, one in latin-1 (read, recorded), an unknown status (image not used), and a
-    second sample under an earlier key with another image. -> (members, rows, {key: reason or None})."""
+    holding `null`, one in latin-1 (read, recorded), an unknown status (image not used), a
+    second sample under an earlier key with another image, and a photo stored on its side with
+    an EXIF orientation. -> (members, rows, {key: reason or None})."""
     members, rows, fate = [], [], {}
 
-    def good(index: int, key: str, folder: str = "", latin1: bool = False) -> None:
+    def good(index: int, key: str, folder: str = "", latin1: bool = False, rotated: bool = False) -> None:
         rng = np.random.default_rng([seed, 1, index])
         img, caption = _laion_sample(rng, photos)
         data = _encode_jpeg(img)
+        if rotated:  # stored on its side with EXIF orientation 6 (rotate 90° clockwise to view), as phones do
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            buf = io.BytesIO()
+            img.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=JPEG_QUALITY, exif=exif)
+            data = buf.getvalue()
         meta = {"caption": caption + (" \u00e9t\u00e9" if latin1 else ""),
                 "url": f"https://hostile.example.com/{folder}{key}.jpg",
                 "key": key, "status": "success", "error_message": None, "width": img.size[0], "height": img.size[1],
@@ -435,7 +442,9 @@ def _hostile_samples(
     fate[f"{tar_name}/{keys[5]}"] = UNKNOWN_STATUS
     good(6, good_key)  # the key of a good sample of the shard, again, with another image
     fate[f"{tar_name}/{good_key}#2"] = DUPLICATE_KEY
-    for i, key in enumerate(keys[1:6], start=1):
+    good(7, keys[6], rotated=True)
+    fate[f"{tar_name}/{keys[6]}"] = None
+    for i, key in enumerate(keys[1:7], start=1):
         status = "skipped_by_policy" if i == 5 else "success"  # not a status img2dataset writes
         rows.append({"caption": None, "url": f"https://hostile.example.com/{key}.jpg", "key": key, "status": status,
                      "error_message": None, "width": None, "height": None, "original_width": None,
@@ -451,7 +460,7 @@ def build_laion_world(
 
     Every shard has `images_per_shard` parquet rows; with `broken` ten of all rows are bad inputs
     (2 failed downloads, empty, HTML, truncated, corrupt, too small, 5:1, 2 duplicates). With
-    `hostile`, shard 0 also gets the tar members of `_hostile_samples` (8 items, 5 rejected)."""
+    `hostile`, shard 0 also gets the tar members of `_hostile_samples` (9 items, 5 rejected)."""
     if num_shards < 1 or images_per_shard < 1:
         raise ValueError(f"num_shards and images_per_shard must be >= 1, got {num_shards} and {images_per_shard}")
     root = _prepare_root(root)
@@ -512,7 +521,7 @@ def build_laion_world(
                 _add_reject(manifest, reason, f"{tar_name}/{key}")
         if hostile and shard == 0:
             digits = NUM_SHARD_DIGITS + NUM_SAMPLE_DIGITS
-            extra = [f"{shard * 10**NUM_SAMPLE_DIGITS + images_per_shard + j:0{digits}d}" for j in range(6)]
+            extra = [f"{shard * 10**NUM_SAMPLE_DIGITS + images_per_shard + j:0{digits}d}" for j in range(7)]
             last_good = max(i for i in range(images_per_shard) if (shard, i) not in plan)
             good_key = f"{shard * 10**NUM_SAMPLE_DIGITS + last_good:0{digits}d}"
             hostile_members, hostile_rows, fate = _hostile_samples(seed, photos, tar_name, good_key, extra)
