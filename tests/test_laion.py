@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from pipelines import laion as L
-from pipelines.laion import LaionSource, split_key
+from pipelines.laion import LaionSource
+from pipelines.laion_shards import split_key, tar_samples
 from uvd import records as R
 from uvd.images import TOO_LARGE
 from uvd.recipe import recipe_from_dict
@@ -129,7 +130,7 @@ def test_samples_equal_webdatasets_grouping_on_a_clean_tar(world):
     with open(tar_path, "rb") as f:
         files = [dict(d, __url__=str(tar_path)) for d in tar_file_iterator(f)]
     theirs = {s["__key__"]: {k: v for k, v in s.items() if not k.startswith("__")} for s in group_by_keys(files)}
-    ours = {s.key: s.members for s in L.tar_samples(tar_path, 1 << 26)}
+    ours = {s.key: s.members for s in tar_samples(tar_path, 1 << 26)}
     assert ours == theirs and len(ours) > 5
 
 
