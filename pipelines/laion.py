@@ -42,8 +42,10 @@ FILTERED_META = "filtered_meta"  # a `sentence.meta_filters` bound on a metadata
 # img2dataset statuses: `success` and its two failures (download, resize). Others are unknown.
 SUCCESS = "success"
 FAILED_STATUSES = ("failed_to_download", "failed_to_resize")
-# Per-sample fields of img2dataset's .json not kept in meta (the key is the item key, the rest is the status).
-DROPPED_FIELDS = ("key", "status", "error_message")
+# Per-sample fields of img2dataset's .json not kept in meta: the key is the item key, status and error
+# are the download's, and `exif` is img2dataset's dump of the raw EXIF tags (often KBs per image; the
+# orientation is read from the image itself).
+DROPPED_FIELDS = ("key", "status", "error_message", "exif")
 
 
 @dataclass

@@ -99,7 +99,7 @@ def test_reader_yields_every_sample_and_every_failed_download(world):
         assert sorted(i.key for i in items if i.reject == reason) == sorted(info["keys_by_reason"].get(reason, [])), reason
     good = [i for i in items if not i.reject]
     assert all(i.meta["url"] and i.meta["caption"] is not None for i in good)
-    assert all("width" in i.meta and "sha256" in i.meta and "status" not in i.meta for i in good)
+    assert all("width" in i.meta and "sha256" in i.meta and "status" not in i.meta and "exif" not in i.meta for i in good)
 
 
 def test_limit_per_unit(world):
