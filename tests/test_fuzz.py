@@ -7,6 +7,7 @@ an `ImageRejected` with a known reason, and `preprocess_batch` must account for 
 """
 from __future__ import annotations
 
+import functools
 import io
 import random
 import struct
@@ -46,8 +47,9 @@ def png_raw(array: np.ndarray, bit_depth: int, color_type: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
+@functools.lru_cache(maxsize=1)
 def seed_files() -> dict[str, bytes]:
-    """One small file per (format, mode) the decoder supports."""
+    """One small file per (format, mode) the decoder supports (built once; do not modify)."""
     rng = np.random.default_rng(0)
     rgb = Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8))
     other = rgb.rotate(90, expand=True).resize((56, 40))
@@ -203,3 +205,31 @@ def test_cut_signatures_of_each_format_are_truncated_not_foreign():
     with pytest.raises(ImageRejected) as err:
         decode_file(b"GIF is a nice format, says this text file", OPTIONS, FILTERS)
     assert err.value.reason == R.NOT_AN_IMAGE
+
+
+@pytest.mark.parametrize("error", [
+    OSError("broken data stream"), OSError("Truncated File Read"), ValueError("bad"), SyntaxError("bad"),
+    struct.error("unpack requires a buffer"), EOFError(), IndexError("x"), KeyError("x"), TypeError("x"),
+    ZeroDivisionError("x"), OverflowError("x"), NotImplementedError("x"), AssertionError("x"), MemoryError(),
+    Image.DecompressionBombError("x"),
+])
+@pytest.mark.parametrize("stage", ["open", "load"])
+def test_each_exception_class_a_decoder_raises_is_a_reject(monkeypatch, error, stage):
+    """Each class seen from Pillow's plugins on hostile bytes, raised at header or pixel time."""
+    from PIL import ImageFile
+
+    def fail(*args, **kwargs):
+        raise error
+
+    if stage == "open":
+        monkeypatch.setattr(Image, "open", fail)
+    else:
+        monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
+    with pytest.raises(ImageRejected) as err:
+        decode_file(seed_files()["png_rgb"], OPTIONS, FILTERS)
+    expected = {
+        "open": R.CORRUPT_IMAGE,
+        "load": R.TRUNCATED_IMAGE if isinstance(error, EOFError) or "Truncated" in str(error) else (
+            R.DECOMPRESSION_BOMB if isinstance(error, Image.DecompressionBombError) else R.CORRUPT_IMAGE),
+    }[stage]
+    assert err.value.reason == expected and type(error).__name__ in err.value.detail
