@@ -16,6 +16,7 @@ from typing import Iterable, Iterator
 
 from pipelines.mesh_render import NUM_VIEWS, PLATFORMS, YFOV, MeshError, MeshRenderer, multiview_cameras
 from uvd import records as R
+from uvd.images import TOO_LARGE
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, find_input_files
@@ -113,6 +114,10 @@ class ObjaverseSource(Source):
         name = self._meshes().get(path, path.name)
         if path.stat().st_size == 0:
             yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
+            return
+        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
+        if size > limit:  # refused before any decoder sees it
+            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
             return
         needed = sorted({v for w in view_windows(self.options) for v in w})[:max_items]
         cameras = [self.cameras(name)[v] for v in needed]

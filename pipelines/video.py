@@ -18,6 +18,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from uvd import records as R
+from uvd.images import TOO_LARGE
 from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, find_input_files
@@ -201,6 +202,10 @@ class VideoSource(Source):
         name = self._videos().get(path, path.name)
         if path.stat().st_size == 0:
             yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
+            return
+        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
+        if size > limit:  # refused before any decoder sees it
+            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
             return
         try:
             video = open_video(unit, self.options.decoder, self.options.decode_short_side)

@@ -114,3 +114,168 @@ def test_preprocess_batch_mixes_files_raw_pixels_and_rejects():
     assert list(out["width"][:2]) == [512, 300] and list(out["height"][:2]) == [512, 200]
     assert len(out["hash"][0]) == 64 and out["hash"][0] != out["hash"][1]
     assert "data" not in out and out["pixels"][1, 128, 128, 1] > 240
+
+
+# ------------------------------------------------------------------ pixel modes: scaled, not clipped
+
+
+def _rng_gray16(shape=(24, 40)):
+    return np.random.default_rng(5).integers(0, 65536, shape).astype(np.uint16)
+
+
+def _reference_modes():
+    """(Pillow image of each accepted mode, its RGB conversion computed with numpy)."""
+    rng = np.random.default_rng(6)
+    rgb = rng.integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    rgba = rng.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    gray = rgb[:, :, 0]
+    g16 = _rng_gray16()
+    g16_rgb = np.repeat(np.rint(g16 / 257.0).astype(np.uint8)[:, :, None], 3, 2)
+    cmyk = rng.integers(0, 256, (24, 40, 4), dtype=np.uint8)
+    palette = rng.integers(0, 256, (256, 3), dtype=np.uint8)
+    index = rng.integers(0, 256, (24, 40), dtype=np.uint8)
+    p = Image.fromarray(index, "P")
+    p.putpalette(palette.tobytes())
+    floats = rng.random((24, 40)).astype(np.float32)
+    wide = (g16.astype(np.int32) - 40000) * 3  # values far outside 16 bits: own range stretched
+    stretched = np.rint((wide - wide.min()) * (255.0 / (wide.max() - wide.min()))).astype(np.uint8)
+    bits = gray > 127
+    return {
+        "RGB": (Image.fromarray(rgb), rgb),
+        "RGBA": (Image.fromarray(rgba, "RGBA"), rgba[:, :, :3]),
+        "L": (Image.fromarray(gray), np.repeat(gray[:, :, None], 3, 2)),
+        "LA": (Image.fromarray(rgba[:, :, :2].copy(), "LA"), np.repeat(rgba[:, :, :1], 3, 2)),
+        "1": (Image.fromarray(bits), np.repeat((bits * 255).astype(np.uint8)[:, :, None], 3, 2)),
+        "P": (p, palette[index]),
+        "CMYK": (
+            Image.fromarray(cmyk, "CMYK"),
+            np.rint((255 - cmyk[:, :, :3].astype(float)) * (255 - cmyk[:, :, 3:].astype(float)) / 255).astype(np.uint8),
+        ),
+        "I;16": (Image.fromarray(g16), g16_rgb),
+        "I;16B": (Image.frombytes("I;16B", (40, 24), g16.astype(">u2").tobytes()), g16_rgb),
+        "I;16L": (Image.frombytes("I;16L", (40, 24), g16.astype("<u2").tobytes()), g16_rgb),
+        "I": (Image.fromarray(g16.astype(np.int32)), g16_rgb),
+        "I wide": (Image.fromarray(wide.astype(np.int32)), np.repeat(stretched[:, :, None], 3, 2)),
+        "F": (Image.fromarray(floats), np.repeat(np.rint(floats * 255.0).astype(np.uint8)[:, :, None], 3, 2)),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_reference_modes()))
+def test_every_accepted_mode_matches_a_numpy_reference(mode):
+    from uvd.images import to_rgb
+
+    img, reference = _reference_modes()[mode]
+    out = np.asarray(to_rgb(img))
+    assert out.shape == reference.shape and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1, mode
+
+
+def test_unsupported_mode_is_a_reject():
+    from uvd.images import UNSUPPORTED_MODE, to_rgb
+
+    with pytest.raises(ImageRejected) as err:
+        to_rgb(Image.new("HSV", (4, 4)))
+    assert err.value.reason == UNSUPPORTED_MODE
+
+
+def test_16_bit_gray_png_is_not_clipped_to_white():
+    ramp = np.tile(np.linspace(0, 65535, 512).astype(np.uint16), (512, 1))  # dark left, bright right
+    buf = io.BytesIO()
+    Image.fromarray(ramp).save(buf, format="PNG")
+    assert Image.open(io.BytesIO(buf.getvalue())).mode == "I;16"
+    pixels, _, _ = decode_image(buf.getvalue(), ImageOptions(resize="resize"), FilterOptions())
+    reference = np.linspace(0, 255, 256)
+    assert np.abs(pixels[128, :, 0].astype(float) - reference).max() < 3
+    assert pixels[:, :, 0].mean() == pytest.approx(127.5, abs=2)  # clipping would give ~255
+
+
+def test_16_bit_rgb_png_keeps_its_range():
+    from test_fuzz import png_raw
+
+    g = np.tile(np.linspace(0, 65535, 256).astype(np.uint16), (256, 1))
+    data = png_raw(np.stack([g, 65535 - g, np.full_like(g, 32768)], -1).astype(">u2"), 16, 2)
+    pixels, _, _ = decode_image(data, ImageOptions(), FilterOptions())
+    assert np.abs(pixels[100, :, 0].astype(float) - np.linspace(0, 255, 256)).max() < 3
+    assert np.abs(pixels[100, :, 1].astype(float) - np.linspace(255, 0, 256)).max() < 3
+    assert abs(int(pixels[:, :, 2].mean()) - 128) <= 1
+
+
+# ------------------------------------------------------------------ EXIF orientation
+
+
+def _with_orientation(array, orientation, fmt="JPEG"):
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def _marked(width=400, height=300):
+    """Black image, red block top-left, green block top-right: tells every orientation apart."""
+    a = np.zeros((height, width, 3), np.uint8)
+    a[: height // 4, : width // 4, 0] = 255
+    a[: height // 4, -width // 4 :, 1] = 255
+    return a
+
+
+# What a viewer shows for each EXIF orientation of stored pixels `a` (numpy, per the EXIF spec).
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.transpose(1, 0, 2),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a[::-1, ::-1].transpose(1, 0, 2),  # transverse: the anti-diagonal mirror
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_exif_orientation_is_applied_before_resizing(orientation, fmt):
+    from uvd.images import decode_file
+
+    stored = _marked()
+    upright = np.ascontiguousarray(UPRIGHT[orientation](stored))
+    decoded = decode_file(_with_orientation(stored, orientation, fmt), ImageOptions(resize="resize"), FilterOptions())
+    reference = np.asarray(Image.fromarray(upright).resize((256, 256), Image.BICUBIC)).astype(int)
+    assert (decoded.width, decoded.height) == (upright.shape[1], upright.shape[0])
+    assert decoded.orientation == orientation
+    assert np.abs(decoded.pixels.astype(int) - reference).mean() < 4, orientation
+
+
+def test_exif_orientation_matches_pillow_exif_transpose():
+    from PIL import ImageOps
+
+    from uvd.images import decode_file
+
+    for orientation in range(1, 9):
+        data = _with_orientation(_marked(), orientation, "PNG")
+        upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB")
+        decoded = decode_file(data, ImageOptions(resize="resize"), FilterOptions())
+        reference = np.asarray(upright.resize((256, 256), Image.BICUBIC)).astype(int)
+        assert np.abs(decoded.pixels.astype(int) - reference).mean() < 2, orientation
+
+
+def test_orientation_is_recorded_in_the_item_meta():
+    rows = [
+        dict(key="turned", data=_with_orientation(_marked(), 6), raw_shape="", meta='{"url": "u"}', reject="", detail="", end=False),
+        dict(key="plain", data=_with_orientation(_marked(), 1), raw_shape="", meta='{"url": "v"}', reject="", detail="", end=False),
+    ]
+    batch = {k: np.array([r[k] for r in rows], dtype=object if k != "end" else bool) for k in rows[0]}
+    out = preprocess_batch(batch, ImageOptions(), FilterOptions())
+    import json
+
+    assert json.loads(out["meta"][0]) == {"url": "u", "exif_transposed": True, "exif_orientation": 6}
+    assert json.loads(out["meta"][1]) == {"url": "v"}
+    assert (out["width"][0], out["height"][0]) == (300, 400) and (out["width"][1], out["height"][1]) == (400, 300)
+
+
+def test_damaged_exif_keeps_the_image_upright_as_stored():
+    data = bytearray(_with_orientation(_marked(), 6))
+    start = data.index(b"Exif\x00\x00")
+    data[start + 6 : start + 14] = b"XX\x00\x2a\xff\xff\xff\xff"  # bad byte order and IFD offset
+    pixels, w, h = decode_image(bytes(data), ImageOptions(resize="resize"), FilterOptions())
+    assert (w, h) == (400, 300) and pixels[10, 10, 0] > 200  # red block still top-left

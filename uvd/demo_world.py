@@ -26,9 +26,13 @@ from uvd import records as R
 
 logger = logging.getLogger(__name__)
 
+# The laion reader's own reasons (pipelines/laion.py; uvd must not import pipelines).
+UNSUPPORTED_MEMBER, DUPLICATE_KEY, UNKNOWN_STATUS, BAD_METADATA = (
+    "unsupported_member", "duplicate_key", "unknown_status", "bad_metadata",
+)
 REJECT_REASONS = (
-    R.DOWNLOAD_FAILED, R.EMPTY_FILE, R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE,
-    R.CORRUPT_IMAGE, R.TOO_SMALL, R.BAD_ASPECT, R.DUPLICATE,
+    R.DOWNLOAD_FAILED, UNSUPPORTED_MEMBER, DUPLICATE_KEY, UNKNOWN_STATUS, BAD_METADATA, R.EMPTY_FILE,
+    R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE, R.CORRUPT_IMAGE, R.TOO_SMALL, R.BAD_ASPECT, R.DUPLICATE,
 )
 JPEG_QUALITY = 90
 MTIME = 1_700_000_000  # fixed tar mtime (2023-11-14) so shards are byte-identical per seed
@@ -347,14 +351,20 @@ def _broken_file(rng: np.random.Generator, reason: str, img: Image.Image) -> tup
     raise AssertionError(f"no broken file for reason {reason!r}")
 
 
-def _write_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
-    """Members in the given order, like webdataset's TarWriter but with a fixed mtime."""
+def _write_tar(path: Path, members: list[tuple]) -> None:
+    """Members in the given order, like webdataset's TarWriter but with a fixed mtime.
+    A member is (name, bytes), or (name, tarfile.SYMTYPE or LNKTYPE, link target)."""
     with tarfile.open(path, "w") as tar:  # PAX, the default, as webdataset writes
-        for name, data in members:
+        for name, data, *link in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), MTIME, 0o444
+            info.mtime, info.mode = MTIME, 0o444
             info.uname = info.gname = "bigdata"
-            tar.addfile(info, io.BytesIO(data))
+            if link:
+                info.type, info.linkname = data, link[0]
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
 
 
 def _empty_manifest(path: Path) -> dict:
@@ -383,13 +393,74 @@ def _prepare_root(root: Path) -> Path:
     return root
 
 
+def _hostile_samples(
+    seed: int, photos: tuple[str, ...], tar_name: str, good_key: str, keys: list[str]
+) -> tuple[list, list, dict]:
+    """Tar members and status rows that test the reader's accounting, appended to shard 0:
+    the same file name in two folders (two good keys), a symlink and a hardlink image, a `.json`
+    holding `null`, one in latin-1 (read, recorded), an unknown status (image not used), a
+    second sample under an earlier key with another image, and a photo stored on its side with
+    an EXIF orientation. -> (members, rows, {key: reason or None})."""
+    members, rows, fate = [], [], {}
+
+    def good(index: int, key: str, folder: str = "", latin1: bool = False, rotated: bool = False) -> None:
+        rng = np.random.default_rng([seed, 1, index])
+        img, caption = _laion_sample(rng, photos)
+        data = _encode_jpeg(img)
+        if rotated:  # stored on its side with EXIF orientation 6 (rotate 90° clockwise to view), as phones do
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            buf = io.BytesIO()
+            img.convert("RGB").transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=JPEG_QUALITY, exif=exif)
+            data = buf.getvalue()
+        meta = {"caption": caption + (" \u00e9t\u00e9" if latin1 else ""),
+                "url": f"https://hostile.example.com/{folder}{key}.jpg",
+                "key": key, "status": "success", "error_message": None, "width": img.size[0], "height": img.size[1],
+                "original_width": img.size[0], "original_height": img.size[1], "exif": None,
+                "sha256": hashlib.sha256(data).hexdigest()}
+        text = json.dumps(meta, indent=4, ensure_ascii=False)
+        members.extend([
+            (f"{folder}{key}.jpg", data),
+            (f"{folder}{key}.json", text.encode("latin-1" if latin1 else "utf-8")),
+            (f"{folder}{key}.txt", meta["caption"].encode()),
+        ])
+
+    good(0, keys[0], "a/")
+    good(1, keys[0], "b/")
+    fate[f"{tar_name}/a/{keys[0]}"] = fate[f"{tar_name}/b/{keys[0]}"] = None
+    members += [
+        (f"{keys[1]}.jpg", tarfile.SYMTYPE, f"{good_key}.jpg"), (f"{keys[1]}.txt", b"a symlinked image"),
+        (f"{keys[2]}.jpg", tarfile.LNKTYPE, f"{good_key}.jpg"),
+    ]
+    fate[f"{tar_name}/{keys[1]}"] = fate[f"{tar_name}/{keys[2]}"] = UNSUPPORTED_MEMBER
+    good(3, keys[3])
+    members[-2] = (f"{keys[3]}.json", b"null")  # in place of its metadata
+    fate[f"{tar_name}/{keys[3]}"] = BAD_METADATA
+    good(4, keys[4], latin1=True)
+    fate[f"{tar_name}/{keys[4]}"] = None
+    good(5, keys[5])
+    fate[f"{tar_name}/{keys[5]}"] = UNKNOWN_STATUS
+    good(6, good_key)  # the key of a good sample of the shard, again, with another image
+    fate[f"{tar_name}/{good_key}#2"] = DUPLICATE_KEY
+    good(7, keys[6], rotated=True)
+    fate[f"{tar_name}/{keys[6]}"] = None
+    for i, key in enumerate(keys[1:7], start=1):
+        status = "skipped_by_policy" if i == 5 else "success"  # not a status img2dataset writes
+        rows.append({"caption": None, "url": f"https://hostile.example.com/{key}.jpg", "key": key, "status": status,
+                     "error_message": None, "width": None, "height": None, "original_width": None,
+                     "original_height": None, "exif": None, "sha256": None})
+    return members, rows, fate
+
+
 def build_laion_world(
-    root: Path, num_shards: int = 2, images_per_shard: int = 40, seed: int = 0, broken: bool = True
+    root: Path, num_shards: int = 2, images_per_shard: int = 40, seed: int = 0, broken: bool = True,
+    hostile: bool = False,
 ) -> dict:
     """img2dataset output (`--output_format webdataset --caption_col ... --compute_hash sha256`) in `root`.
 
     Every shard has `images_per_shard` parquet rows; with `broken` ten of all rows are bad inputs
-    (2 failed downloads, empty, HTML, truncated, corrupt, too small, 5:1, 2 duplicates)."""
+    (2 failed downloads, empty, HTML, truncated, corrupt, too small, 5:1, 2 duplicates). With
+    `hostile`, shard 0 also gets the tar members of `_hostile_samples` (9 items, 5 rejected)."""
     if num_shards < 1 or images_per_shard < 1:
         raise ValueError(f"num_shards and images_per_shard must be >= 1, got {num_shards} and {images_per_shard}")
     root = _prepare_root(root)
@@ -448,6 +519,20 @@ def build_laion_world(
                 manifest["good"] += 1
             else:
                 _add_reject(manifest, reason, f"{tar_name}/{key}")
+        if hostile and shard == 0:
+            digits = NUM_SHARD_DIGITS + NUM_SAMPLE_DIGITS
+            extra = [f"{shard * 10**NUM_SAMPLE_DIGITS + images_per_shard + j:0{digits}d}" for j in range(7)]
+            last_good = max(i for i in range(images_per_shard) if (shard, i) not in plan)
+            good_key = f"{shard * 10**NUM_SAMPLE_DIGITS + last_good:0{digits}d}"
+            hostile_members, hostile_rows, fate = _hostile_samples(seed, photos, tar_name, good_key, extra)
+            members += hostile_members
+            rows += hostile_rows
+            for key, reason in fate.items():
+                manifest["items"] += 1
+                if reason is None:
+                    manifest["good"] += 1
+                else:
+                    _add_reject(manifest, reason, key)
         _write_tar(root / tar_name, members)
         pq.write_table(pa.Table.from_pylist(rows, schema=LAION_SCHEMA), root / tar_name.replace(".tar", ".parquet"))
         num_failed = sum(1 for row in rows if row["status"] == "failed_to_download")
@@ -518,10 +603,10 @@ def build_demo_world(root: Path, seed: int = 0, small: bool = False) -> dict:
     to `root` (`laion/00000.tar/000000012`); each world's own manifest is under its name."""
     root = _prepare_root(root)
     if small:
-        laion = build_laion_world(root / "laion", num_shards=2, images_per_shard=12, seed=seed)
+        laion = build_laion_world(root / "laion", num_shards=2, images_per_shard=12, seed=seed, hostile=True)
         imagenet = build_imagenet_world(root / "imagenet", num_classes=4, images_per_class=8, seed=seed)
     else:
-        laion = build_laion_world(root / "laion", seed=seed)
+        laion = build_laion_world(root / "laion", seed=seed, hostile=True)
         imagenet = build_imagenet_world(root / "imagenet", seed=seed)
     manifest = _empty_manifest(root)
     for name, world in (("laion", laion), ("imagenet", imagenet)):

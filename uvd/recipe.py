@@ -100,10 +100,14 @@ class OutputOptions:
 class LimitOptions:
     max_items: int | None = None  # read at most this many input items (first in input order)
     max_reject_rate: float = 0.25  # the job fails when more than this share of inputs is rejected
+    max_member_bytes: int = 64 << 20  # one image file or tar member; larger ones are rejected too_large, unread
+    max_file_bytes: int = 4 << 30  # one video or mesh file; larger ones are rejected too_large before decoding
 
     def validate(self, path: str) -> None:
         if self.max_items is not None:
             _check_positive(f"{path}.max_items", self.max_items)
+        _check_positive(f"{path}.max_member_bytes", self.max_member_bytes)
+        _check_positive(f"{path}.max_file_bytes", self.max_file_bytes)
         if not 0.0 <= self.max_reject_rate <= 1.0:
             raise ValueError(f"{path}.max_reject_rate: must be in [0, 1], got {self.max_reject_rate}")
 
