@@ -117,7 +117,7 @@ class CocoSource(Source):
         root, split = folder.parent, folder.name
         label_maps = self.options.segmentation_from == "label_maps"
         files: dict[str, _CocoFile] = {}
-        for prefix in sorted({ANNOTATION_FILES[t] for t in self.options.tasks if t != "segmentation" or not label_maps}):
+        for prefix in sorted({ANNOTATION_FILES[t] for t in self.options.tasks}):  # label maps too: the image list
             path = root / "annotations" / f"{prefix}_{split}.json"
             if not path.is_file():
                 continue  # the task is unavailable: logged once by list_units, reported by unit_notes

@@ -57,6 +57,9 @@ def annotation_mask(segmentation, height: int, width: int, ann_id=None) -> np.nd
                 raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: RLE counts do not sum to {height}x{width}")
             rle = mask_utils.frPyObjects(segmentation, height, width)
         elif isinstance(counts, str):  # compressed (COCO's LEB128-like string)
+            runs = counts_from_string(counts)
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
+                raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: compressed RLE does not decode to {height}x{width} pixels")
             rle = {"size": [height, width], "counts": counts.encode()}
         else:
             raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: RLE counts must be a list or a string")
@@ -67,6 +70,28 @@ def annotation_mask(segmentation, height: int, width: int, ann_id=None) -> np.nd
     except ValueError as err:
         raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: {err}") from None
     return mask.astype(bool)
+
+
+def counts_from_string(text: str) -> list[int] | None:
+    """COCO's compressed RLE string -> run lengths (pycocotools' rleFrString, which does not
+    check its input), or None when the string ends inside a number."""
+    counts: list[int] = []
+    p = 0
+    while p < len(text):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(text):
+                return None
+            c = ord(text[p]) - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
 
 
 def semantic_labels(anns: list[dict], palette_index: dict[int, int], height: int, width: int, crowd: str = "ignore") -> np.ndarray | None:
