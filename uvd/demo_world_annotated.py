@@ -1,6 +1,6 @@
 """Annotated sets for the sample world: a COCO-format set, a depth/normals/edges set, a paired
-folder and a photo folder, in the layouts the annotated sources read (pipelines/coco.py,
-dense_annotations.py, paired_folders.py, derived_pairs.py). Each builder plants known-bad
+folder, a photo folder, and ADE20K / Pascal VOC folders, in the layouts the annotated sources read
+(pipelines/coco.py, dense_annotations.py, paired_folders.py, derived_pairs.py, semantic_folders.py). Each builder plants known-bad
 annotations and returns a manifest: `items` (rows the reader yields), `pairs` per task, `images`
 (tokenized images that end up in sentences) and the rejected keys by reason.
 `build_annotated_world(root)` builds all four.
@@ -301,12 +301,123 @@ def build_photo_folder(root: Path, num_images: int = 16, seed: int = 0) -> dict:
     return manifest
 
 
+def _semantic_scene(rng: np.random.Generator, num_classes: int, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """(RGB image, class-id map): a background class and three shapes of other classes."""
+    labels = Image.new("L", (width, height), int(rng.integers(0, num_classes + 1)))
+    draw = ImageDraw.Draw(labels)
+    for _ in range(3):
+        x, y = int(rng.integers(0, width - 30)), int(rng.integers(0, height - 30))
+        w, h = int(rng.integers(15, 30)), int(rng.integers(15, 30))
+        shape = draw.rectangle if rng.random() < 0.5 else draw.ellipse
+        shape([x, y, x + w, y + h], fill=int(rng.integers(1, num_classes + 1)))
+    labels = np.asarray(labels)
+    colors = rng.integers(0, 256, (256, 3)).astype(np.uint8)
+    noise = rng.normal(0, 6, (height, width, 3))
+    return np.clip(colors[labels] + noise, 0, 255).astype(np.uint8), labels
+
+
+def build_ade20k_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
+    """ADE20K's layout: `ADEChallengeData2016/images/validation/ADE_val_NNNNNNNN.jpg` and
+    `annotations/validation/ADE_val_NNNNNNNN.png` (values 0..150). Broken on purpose: an image without
+    label map, a label map of the wrong size, a label map with a class id of 200, a label map of no image."""
+    root = _prepare_root(root)
+    base = root / "ADEChallengeData2016"
+    (base / "images/validation").mkdir(parents=True)
+    (base / "annotations/validation").mkdir(parents=True)
+    manifest = _manifest(root)
+    for i in range(num_images + 3):
+        rng = np.random.default_rng([seed, 11, i])
+        stem = f"ADE_val_{i + 1:08d}"
+        pixels, labels = _semantic_scene(rng, 150, 160, 120)
+        (base / f"images/validation/{stem}.jpg").write_bytes(_jpeg(pixels))
+        key = f"ADEChallengeData2016/validation/{stem}.jpg"
+        extra = i - num_images  # 0: no label map, 1: wrong size, 2: class 200
+        if extra == 1:
+            labels = labels[:60]
+        elif extra == 2:
+            labels = labels.copy()
+            labels[:5, :5] = 200
+        if extra != 0:
+            (base / f"annotations/validation/{stem}.png").write_bytes(_png(labels))
+        reason = {0: "missing_annotation", 1: "mismatched_annotation", 2: "bad_annotation"}.get(extra)
+        manifest["items"] += 2
+        if reason:
+            _reject(manifest, reason, f"{key}#segmentation")
+            _reject(manifest, "unpaired", key)
+        else:
+            manifest["images"] += 2
+    (base / "annotations/validation/ADE_val_00000999.png").write_bytes(_png(np.zeros((120, 160), np.uint8)))
+    _reject(manifest, "missing_image", "ADEChallengeData2016/validation/ADE_val_00000999.png#segmentation")
+    manifest["items"] += 1
+    manifest["path"] = str(base)
+    manifest["pairs"] = {"segmentation": num_images}
+    return manifest
+
+
+def build_voc_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
+    """Pascal VOC's layout: `VOCdevkit/VOC2012/JPEGImages/2007_NNNNNN.jpg`, `SegmentationClass/*.png`
+    (palette PNGs, 255 on object boundaries), `ImageSets/Segmentation/{train,val,trainval}.txt`; plus
+    detection-only JPEGs in no list. Broken on purpose: a listed name with no JPEG, a listed image
+    without label map."""
+    from pipelines.render import PALETTE
+
+    root = _prepare_root(root)
+    base = root / "VOCdevkit" / "VOC2012"
+    for folder in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
+        (base / folder).mkdir(parents=True)
+    manifest = _manifest(root)
+    names = {"train": [], "val": []}
+    for i in range(num_images + 2):
+        rng = np.random.default_rng([seed, 12, i])
+        stem = f"2007_{i:06d}"
+        split = "train" if i % 2 == 0 else "val"
+        names[split].append(stem)
+        pixels, labels = _semantic_scene(rng, 20, 150, 110)
+        edges = _boundaries(labels)
+        labels = np.where(edges, 255, labels).astype(np.uint8)  # VOC's "void" boundaries
+        key = f"VOC2012/{split}/{stem}.jpg"
+        manifest["items"] += 1
+        if i == num_images:  # listed, but no JPEG
+            _reject(manifest, "missing_image", f"VOC2012/{split}/{stem}")
+            continue
+        (base / f"JPEGImages/{stem}.jpg").write_bytes(_jpeg(pixels))
+        manifest["items"] += 1
+        if i == num_images + 1:  # listed, no label map
+            _reject(manifest, "missing_annotation", f"{key}#segmentation")
+            _reject(manifest, "unpaired", key)
+            continue
+        png = Image.fromarray(labels, mode="P")
+        png.putpalette(PALETTE.reshape(-1).tolist())
+        png.save(base / f"SegmentationClass/{stem}.png")
+        manifest["images"] += 2
+    for i in range(3):  # detection-only images: not part of the segmentation set
+        (base / f"JPEGImages/2008_{i:06d}.jpg").write_bytes(_jpeg(np.full((60, 80, 3), 40 * i, np.uint8)))
+    for split, stems in names.items():
+        (base / f"ImageSets/Segmentation/{split}.txt").write_text("".join(f"{s}\n" for s in stems))
+    (base / "ImageSets/Segmentation/trainval.txt").write_text("".join(f"{s}\n" for s in sorted(names["train"] + names["val"])))
+    manifest["path"] = str(root / "VOCdevkit")
+    manifest["pairs"] = {"segmentation": num_images}
+    manifest["pairs_by_split"] = {"train": num_images // 2, "val": num_images // 2}
+    return manifest
+
+
+def _boundaries(labels: np.ndarray) -> np.ndarray:
+    """Pixels whose right or lower neighbour has another class (2 px wide boundaries, as in VOC)."""
+    edge = np.zeros(labels.shape, bool)
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, 1:] |= edge[:, :-1].copy()
+    return edge
+
+
 def build_annotated_world(root: Path, seed: int = 0) -> dict:
-    """All four sets under `root`: coco/, dense/, paired/, photos/ (each manifest under its name)."""
+    """The sets under `root`: coco/, dense/, paired/, photos/, ade20k/, voc/ (each manifest under its name)."""
     root = _prepare_root(root)
     return {
         "coco": build_coco_world(root / "coco", seed=seed),
         "dense": build_dense_world(root / "dense", seed=seed),
         "paired": build_paired_world(root / "paired", seed=seed),
         "photos": build_photo_folder(root / "photos", seed=seed),
+        "ade20k": build_ade20k_world(root / "ade20k", seed=seed),
+        "voc": build_voc_world(root / "voc", seed=seed),
     }
