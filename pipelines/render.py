@@ -204,6 +204,27 @@ def render_depth(depth: np.ndarray, mode: str = "colormap") -> np.ndarray:
     return out
 
 
+def render_disparity(disparity: np.ndarray, mode: str = "colormap") -> np.ndarray:
+    """Disparity / inverse depth (H, W) float, as relative depth models predict it (large = near)
+    -> the same look as `render_depth`: normalized per image over the finite pixels, near bright;
+    NaN and inf -> black. A constant map is drawn mid-gray (no depth order to show)."""
+    d = np.asarray(disparity, dtype=np.float64)
+    if d.ndim != 2:
+        raise AnnotationError(BAD_ANNOTATION, f"disparity must be (H, W), got {d.shape}")
+    valid = np.isfinite(d)
+    near = np.zeros_like(d)
+    if valid.any():
+        lo, hi = d[valid].min(), d[valid].max()
+        near[valid] = 0.5 if hi == lo else (d[valid] - lo) / (hi - lo)
+    gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
+    if mode == "grayscale":
+        out = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    out[~valid] = 0
+    return out
+
+
 def render_normals(normals: np.ndarray) -> np.ndarray:
     """Surface normals -> RGB: uint8 RGB images pass through; float unit vectors map
     [-1, 1] -> [0, 255] per axis; zero vectors (no surface) -> black."""
