@@ -39,12 +39,13 @@ def normals_from_depth(depth: np.ndarray, fov_degrees: float = 60.0) -> np.ndarr
 class NormalsLabeler(Labeler):
     """Options: `depth_weights` (normals from that depth model; else `weights` is a TorchScript
     normals network), `fov_degrees` (60), `disparity_shift` (0.05), `axes` ([1, 1, 1]: signs that turn
-    the network's x, y, z into x right, y down, z away), `input_size` (256), `mean`/`std` (ImageNet)."""
+    the network's x, y, z into x right, y down, z away), `input_size` (the network's input side: 256 for
+    TorchScript; the depth model's own default otherwise), `mean`/`std` (ImageNet, TorchScript only)."""
 
     kind = "normals"
 
     def __init__(self, weights=None, device="auto", dtype="auto", batch_size=16, depth_weights: str | None = None,
-                 fov_degrees: float = 60.0, disparity_shift: float = 0.05, axes=(1, 1, 1), input_size: int = 256,
+                 fov_degrees: float = 60.0, disparity_shift: float = 0.05, axes=(1, 1, 1), input_size: int | None = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         super().__init__(weights if depth_weights is None else depth_weights, device, dtype, batch_size,
                          from_depth=depth_weights is not None, fov_degrees=fov_degrees, disparity_shift=disparity_shift,
@@ -59,7 +60,7 @@ class NormalsLabeler(Labeler):
         if depth_weights is not None:
             from pipelines.labelers.depth import DepthLabeler
 
-            self.depth = DepthLabeler(depth_weights, self.device, self.dtype_name, batch_size)
+            self.depth = DepthLabeler(depth_weights, self.device, self.dtype_name, batch_size, input_size=input_size)
             self.net = None
         else:
             path = require_path(weights, "the normals labeler (a TorchScript file, or options.depth_weights)")
@@ -84,7 +85,7 @@ class NormalsLabeler(Labeler):
         import torch
         import torch.nn.functional as F
 
-        size = (self.options["input_size"], self.options["input_size"])
+        size = (self.options["input_size"] or 256,) * 2
         x = to_tensor(pixels, self.device, self.torch_dtype, size, self.options["mean"], self.options["std"])
         with torch.inference_mode():
             y = self.net(x)
