@@ -197,3 +197,19 @@ def test_label_maps_only_as_an_explicit_option(coco_world, tmp_path):
     assert Counter(s.task for s in sentences) == {"segmentation": 1, P.TUPLE_TASK: 10}
     default = run_plain(recipe(root, "sentence.tasks=[segmentation]"))[3]
     assert not (default["val/000004.jpg#segmentation"] == render.PALETTE[3]).all()  # PNGs are ignored by default
+
+
+def test_units_through_ray_match_the_plain_run(ray_local, coco_world, tmp_path):
+    """Unit names with `#<start>` go through the Ray job; the shards hold what the plain run makes."""
+    import pyarrow.parquet as pq
+
+    from uvd import manifest as M
+    from uvd.runner import run_recipe
+
+    rec = recipe(coco_world["path"], "sentence.images_per_unit=8")
+    sentences, rejects, _, _ = run_plain(rec)
+    summary = run_recipe(rec, tmp_path / "out", progress=False)
+    manifest = M.read_manifest(tmp_path / "out")
+    rows = [row for shard in sorted(manifest["shards"]) for row in pq.read_table(tmp_path / "out" / shard).to_pylist()]
+    assert sorted(row["id"] for row in rows) == sorted(s.sentence_id("coco") for s in sentences)
+    assert summary.rejected_by_reason == dict(sorted(Counter(r.reason for r in rejects).items()))
