@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -60,55 +61,62 @@ def save_models(root: Path, real: bool) -> dict[str, dict]:
     return specs
 
 
-def per_labeler(specs: dict[str, dict], pixels: np.ndarray, batch_size: int) -> None:
+def per_labeler(specs: dict[str, dict], pixels: np.ndarray, batch_size: int, repeats: int) -> None:
     for label, spec in specs.items():
         labeler = build_labeler({**spec, "batch_size": batch_size})
         labeler(pixels[:batch_size])  # warm up
-        start = time.perf_counter()
-        labeler(pixels)
-        seconds = time.perf_counter() - start
-        print(f"  {label:40s} {len(pixels) / seconds:8.1f} images/s   ({labeler.device}, {labeler.dtype_name}, batch {batch_size})")
+        rates = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            labeler(pixels)
+            rates.append(len(pixels) / (time.perf_counter() - start))
+        runs = ", ".join(f"{r:.1f}" for r in rates)
+        print(f"  {label:40s} {statistics.median(rates):8.1f} images/s   ({labeler.device}, {labeler.dtype_name}, batch {batch_size}; runs {runs})")
 
 
-def job_stage(spec: dict, num_cpus: int) -> None:
+def _rate(ds) -> tuple[int, float]:
+    """(images out, wall seconds) of a dataset run, start-up of its workers and actors included."""
+    start, count = time.perf_counter(), 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
+    return count, time.perf_counter() - start
+
+
+def job_stage(spec: dict, num_cpus: int, num_photos: int) -> None:
     """The read+decode stage alone, then with a labeler actor pool after it, alternated (medians of 3)."""
-    import statistics
-
     import ray
 
-    from bench.common import local_ray, ray_stage
+    from bench.common import local_ray
     from pipelines.derived_pairs import DerivedPairsSource
     from uvd.demo_world_annotated import build_photo_folder
     from uvd.recipe import recipe_from_dict
     from uvd.runner import read_and_preprocess
 
     with tempfile.TemporaryDirectory() as tmp:
-        world = build_photo_folder(Path(tmp) / "photos", num_images=200, seed=0)
+        world = build_photo_folder(Path(tmp) / "photos", num_images=num_photos, seed=0)
         source = DerivedPairsSource(recipe_from_dict({"source": "derived_pairs", "inputs": world["path"]}))
         units = source.list_units()
 
-        def with_labeler() -> tuple[int, float]:
+        def dataset(labeler: bool, units=units):
             ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
             ds = ds.map_batches(read_and_preprocess, fn_kwargs={"source": source, "max_items": None, "image": source.recipe.image,
-                                                                "filters": source.recipe.filters}, batch_size=1, batch_format="numpy")
-            ds = ds.map_batches(LabelerStage, fn_constructor_kwargs={"specs": [spec], "device": "cpu"}, batch_size=16, batch_format="numpy",
-                                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-            start, count = time.perf_counter(), 0
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
-            return count, time.perf_counter() - start
+                                                                "filters": source.recipe.filters, "chunk": 16}, batch_size=1, batch_format="numpy")
+            if labeler:
+                ds = ds.map_batches(LabelerStage, fn_constructor_kwargs={"specs": [spec], "device": "cpu"}, batch_size=16,
+                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
+            return ds
 
         with local_ray(num_cpus):
-            ray_stage(source, units)
+            _rate(dataset(False))
             plain, labeled = [], []
             for _ in range(3):
-                count, seconds = ray_stage(source, units)
+                count, seconds = _rate(dataset(False))
                 plain.append(count / seconds)
-                count2, seconds2 = with_labeler()
+                count2, seconds2 = _rate(dataset(True))
                 assert count2 == count, (count2, count)
                 labeled.append(count2 / seconds2)
-        print(f"  read+decode stage            : {statistics.median(plain):8.1f} images/s  ({count} images)")
-        print(f"  read+decode + {spec['name']:14s} : {statistics.median(labeled):8.1f} images/s  (one labeler actor, its start included)")
+        print(f"  read+decode stage            : {statistics.median(plain):8.1f} images/s  ({count} images, {len(units)} unit(s))")
+        print(f"  read+decode + {spec['name']:14s} : {statistics.median(labeled):8.1f} images/s  (one labeler actor; its start-up included)")
 
 
 def main() -> None:
@@ -116,7 +124,10 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--real", action="store_true", help="also the real-size architectures (slow on CPU)")
+    parser.add_argument("--real-images", type=int, default=4, help="images per run for the real-size models")
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--photos", type=int, default=400, help="photos for the Ray stage comparison (3 images each)")
     parser.add_argument("--no-job", action="store_true", help="skip the Ray stage comparison")
     args = parser.parse_args()
     import torch
@@ -129,10 +140,10 @@ def main() -> None:
             folder = Path(tmp) / ("real" if real else "small")
             specs = save_models(folder, real)
             print("real-size architectures:" if real else "small test configs:")
-            per_labeler(specs, pixels, args.batch_size)
+            per_labeler(specs, pixels if not real else pixels[: args.real_images], args.batch_size, args.repeats)
         if not args.no_job:
             print("whole read stage, with and without a labeler (Canny):")
-            job_stage({"name": "edges", "kind": "edges"}, args.cpus)
+            job_stage({"name": "edges", "kind": "edges"}, args.cpus, args.photos)
 
 
 if __name__ == "__main__":
