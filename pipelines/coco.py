@@ -80,6 +80,9 @@ class CocoSource(Source):
                 notes = self.unavailable_tasks(root, split)
                 for task, why in notes.items():
                     log.warning("coco %s/%s: task %s is unavailable: %s", root.name, split, task, why)
+                if len(notes) == len(self.options.tasks):
+                    log.warning("coco %s/%s: none of sentence.tasks is available; the split is skipped", root.name, split)
+                    continue
                 num_files = len(_image_files(root / split))
                 for start in range(0, max(num_files, 1), self.options.images_per_unit):
                     units.append(f"{root / split}#{start}")

@@ -166,6 +166,8 @@ def test_unavailable_task_is_logged_once_and_noted(coco_world, tmp_path, caplog)
     assert not any(k.endswith("#pose") for k in pixels) and "pose" not in {s.task for s in sentences}
     assert not any("pose" in r.key for r in rejects)  # an unavailable task is no per-image reject
     assert Counter(s.task for s in sentences)["segmentation"] == 2
+    only_pose = get_source("coco")(recipe(root, "sentence.tasks=[pose]"))
+    assert only_pose.list_units() == []  # no split can provide pose: nothing to read, no per-image rejects
 
 
 def test_size_mismatch_is_judged_per_task_with_annotations(coco_world, tmp_path):
