@@ -50,7 +50,7 @@ def find_dataset(root: Path, layout: str) -> tuple[str, Path]:
     """(layout, dataset folder) for an input folder: the dataset itself or a folder that holds it."""
     candidates = {
         "ade20k": [root, root / "ADEChallengeData2016"],
-        "voc": [root, root / "VOC2012", root / "VOCdevkit" / "VOC2012"],
+        "voc": [root, *(base / name for base in (root, root / "VOCdevkit") for name in ("VOC2012", "VOC2007"))],
     }
     marks = {"ade20k": ("images", "annotations"), "voc": ("JPEGImages", "SegmentationClass")}
     for name in ([layout] if layout != "auto" else ["ade20k", "voc"]):
