@@ -108,7 +108,11 @@ class LabelerStage:
     """Ray Data actor: adds `annotation/<name>` (B, 256, 256, 3) uint8 renderings to a batch with
     `pixels` (and `label/<name>` raw labels, encoded, when `save`); rejected rows pass untouched."""
 
-    def __init__(self, specs: list[dict], device: str | None = None, save: bool = False):
+    def __init__(self, specs: list[dict], device: str | None = None, save: bool = False, num_threads: int | None = None):
+        if num_threads:  # CPU actors share the machine with read tasks and the tokenizer
+            import torch
+
+            torch.set_num_threads(num_threads)
         self.labelers = {s["name"]: build_labeler(s, device) for s in specs}
         self.save = save
 
