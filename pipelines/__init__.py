@@ -1,2 +1,2 @@
 """One module per source; importing this package registers them all."""
-from pipelines import annotated_video, coco, dense_annotations, derived_pairs, imagenet_groups, laion, objaverse, paired_folders, video  # noqa: F401
+from pipelines import annotated_video, coco, dense_annotations, derived_pairs, imagenet_groups, laion, objaverse, paired_folders, semantic_folders, video  # noqa: F401

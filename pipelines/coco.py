@@ -1,15 +1,19 @@
-"""`coco`: COCO-format datasets rendered to detection, pose and segmentation images, paired.
+"""`coco`: COCO-format datasets as COCO ships them, rendered to detection, pose and segmentation images, paired.
 
     uvd run recipes/coco.yaml --set inputs=/data/coco --out out/coco
 
-Layout per root: `annotations/instances_<split>.json` (boxes), `annotations/person_keypoints_<split>.json`
-(17 keypoints per person), images in `<split>/`, optional label maps `labels/<split>/<stem>.png`.
-One unit per split. Tasks `detection`, `pose`, `segmentation` (8-pair sentences) and, with
-`sentence.tuples`, `multi_annotation`. Broken annotations are rejected with their reason.
+Layout per root: `annotations/instances_<split>.json` (boxes, and instance masks as polygons or
+crowd RLE), `annotations/person_keypoints_<split>.json` (17 keypoints per person), images in
+`<split>/`. Segmentation is rasterized from the instance masks (pipelines/coco_masks.py); label-map
+PNGs `labels/<split>/<stem>.png` are read only with `sentence.segmentation_from: label_maps`.
+Units: the split's image files in name order, `sentence.images_per_unit` per unit (`<root>/<split>#<start>`).
 """
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -17,30 +21,41 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
+from pipelines import coco_masks
 from pipelines import pairing as P
 from pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
+log = logging.getLogger(__name__)
+
 TASKS = ("detection", "pose", "segmentation")
-ANNOTATION_FILES = {"detection": "instances", "pose": "person_keypoints"}
+ANNOTATION_FILES = {"detection": "instances", "segmentation": "instances", "pose": "person_keypoints"}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+UNANNOTATED = "unannotated"  # an image the annotation files list, with no annotation of any requested task
 
 
 @dataclass
 class CocoOptions(P.PairingOptions):
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     tuples: bool = True
+    images_per_unit: int = 1000  # image files per unit; pairs are shuffled within a unit
+    segmentation_from: str = "instances"  # instances: masks in instances_<split>.json | label_maps: labels/<split>/*.png
+    crowd: str = "ignore"  # crowd (iscrowd: 1) regions: ignore (label 255, black) | category (their category's color)
     pose_background: str = "black"  # black | image: skeletons on black, or drawn over the photo
     pose_min_visibility: int = 1  # COCO v: 0 unlabeled, 1 occluded, 2 visible; lower ones are skipped
-    ignore_label: int = 255  # label-map value rendered black
+    ignore_label: int = 255  # label_maps: the value rendered black
 
     def validate(self, path: str) -> None:
         super().validate(path)
         P.check_tasks(f"{path}.tasks", self.tasks, TASKS)
-        if self.pose_background not in ("black", "image"):
-            raise ValueError(f"{path}.pose_background: {self.pose_background!r} is not one of black, image")
+        if self.images_per_unit < 1:
+            raise ValueError(f"{path}.images_per_unit: must be >= 1, got {self.images_per_unit}")
+        for name, allowed in (("segmentation_from", ("instances", "label_maps")), ("crowd", ("ignore", "category")),
+                              ("pose_background", ("black", "image"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{path}.{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if self.pose_min_visibility not in (1, 2):
             raise ValueError(f"{path}.pose_min_visibility: must be 1 or 2, got {self.pose_min_visibility}")
 
@@ -53,110 +68,190 @@ class CocoSource(Source):
     input_hint = "COCO roots with annotations/*_<split>.json"
 
     def list_units(self) -> list[str]:
-        units = []
+        """Units per split, cut from the split's image files; each split's unavailable tasks are logged once."""
+        units, self._notes = [], {}
         for root in resolve_inputs(self.recipe.inputs):
             if not (root / "annotations").is_dir():
                 raise ValueError(f"inputs: {root} has no annotations/ folder (COCO layout: annotations/instances_<split>.json)")
             splits = set()
             for path in (root / "annotations").glob("*.json"):
-                for prefix in ANNOTATION_FILES.values():
+                for prefix in set(ANNOTATION_FILES.values()):
                     if path.stem.startswith(prefix + "_"):
                         splits.add(path.stem[len(prefix) + 1 :])
-            units.extend(str(root / split) for split in sorted(splits))
+            for split in sorted(splits):
+                notes = self.unavailable_tasks(root, split)
+                for task, why in notes.items():
+                    log.warning("coco %s/%s: task %s is unavailable: %s", root.name, split, task, why)
+                if len(notes) == len(self.options.tasks):
+                    log.warning("coco %s/%s: none of sentence.tasks is available; the split is skipped", root.name, split)
+                    continue
+                num_files = len(_image_files(root / split))
+                for start in range(0, max(num_files, 1), self.options.images_per_unit):
+                    units.append(f"{root / split}#{start}")
+                    self._notes[units[-1]] = notes
         check_unique_names(units, "splits")
         return units
 
+    def unavailable_tasks(self, root: Path, split: str) -> dict[str, str]:
+        """{task: why} for requested tasks this split cannot provide at all (cheap: file checks only)."""
+        notes = {}
+        for task in self.options.tasks:
+            path = root / "annotations" / f"{ANNOTATION_FILES[task]}_{split}.json"
+            if task == "segmentation" and self.options.segmentation_from == "label_maps":
+                if not (root / "labels" / split).is_dir():
+                    notes[task] = f"segmentation_from: label_maps, but there is no labels/{split}/ folder"
+            elif not path.is_file():
+                notes[task] = f"no annotations/{path.name}"
+            elif task == "segmentation" and not _mentions(path, b'"segmentation"'):
+                notes[task] = f"annotations/{path.name} has no segmentation field"
+        return notes
+
+    def unit_notes(self, unit: str) -> dict:
+        """What the run should report for this unit: `unavailable_tasks` {task: why} (empty if none)."""
+        folder, _ = _parse_unit(unit)
+        notes = getattr(self, "_notes", {}).get(unit)
+        return {"unavailable_tasks": notes if notes is not None else self.unavailable_tasks(folder.parent, folder.name)}
+
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        items = self._items(Path(unit))
-        for count, item in enumerate(items):
+        for count, item in enumerate(self._items(*_parse_unit(unit))):
             if max_items is not None and count >= max_items:
                 return
             yield item
 
-    def _items(self, folder: Path) -> Iterator[Item]:
+    def _items(self, folder: Path, start: int) -> Iterator[Item]:
         root, split = folder.parent, folder.name
-        images: dict[int, dict] = {}  # image id -> COCO image entry
-        annotations: dict[str, dict[int, list[dict]]] = {}  # task -> image id -> annotations
-        categories: dict[str, set] = {}
-        for task, prefix in ANNOTATION_FILES.items():
+        label_maps = self.options.segmentation_from == "label_maps"
+        files: dict[str, _CocoFile] = {}
+        for prefix in sorted({ANNOTATION_FILES[t] for t in self.options.tasks}):  # label maps too: the image list
             path = root / "annotations" / f"{prefix}_{split}.json"
             if not path.is_file():
-                continue
+                continue  # the task is unavailable: logged once by list_units, reported by unit_notes
             try:
-                data = _load_coco(path)
+                files[prefix] = _load_coco(str(path), path.stat().st_mtime_ns)
             except ValueError as err:
-                yield P.reject_item(f"annotations/{path.name}", P.BAD_JSON, str(err))
-                continue
-            ids = {im["id"] for im in data["images"]}
-            images.update((im["id"], im) for im in data["images"])
-            categories[task] = {c["id"] for c in data["categories"]}
-            per_image = annotations.setdefault(task, {i: [] for i in ids})
-            for ann in data["annotations"]:
-                if ann.get("image_id") not in ids:
-                    detail = f"image_id {ann.get('image_id')!r} is not among the file's images"
-                    yield P.reject_item(f"annotations/{path.name}#{ann.get('id')}", P.MISSING_IMAGE, detail)
-                else:
-                    per_image[ann["image_id"]].append(ann)
-        labels_dir = root / "labels" / split
-        listed = {im["file_name"] for im in images.values()}
-        for entry in sorted(images.values(), key=lambda im: im["file_name"]):
-            yield from self._image_items(folder, entry, annotations, categories, labels_dir)
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                if path.suffix.lower() in IMAGE_SUFFIXES and path.name not in listed:
-                    yield P.reject_item(f"{split}/{path.name}", P.MISSING_ANNOTATION, "not listed in any annotation file")
-        if labels_dir.is_dir() and "segmentation" in self.options.tasks:
-            stems = {Path(name).stem for name in listed}
-            for path in sorted(labels_dir.glob("*.png")):
-                if path.stem not in stems:
-                    yield P.reject_item(f"labels/{split}/{path.name}", P.MISSING_IMAGE, "no image of this name in the annotations")
+                if start == 0:
+                    yield P.reject_item(f"annotations/{path.name}", P.BAD_JSON, str(err))
+        tasks = [
+            t for t in self.options.tasks
+            if (t == "segmentation" and label_maps and (root / "labels" / split).is_dir())
+            or (ANNOTATION_FILES[t] in files and (t != "segmentation" or label_maps or files[ANNOTATION_FILES[t]].has_masks))
+        ]
+        entries = {}  # file name -> image entry, over every annotation file of the split
+        for coco in files.values():
+            entries.update(coco.by_name)
+        on_disk = _image_files(folder)
+        for name in on_disk[start : start + self.options.images_per_unit]:
+            if name not in entries:
+                yield P.reject_item(f"{split}/{name}", P.MISSING_ANNOTATION, "not listed in any annotation file")
+            else:
+                yield from self._image_items(folder, entries[name], tasks, files)
+        if start == 0:  # what concerns the whole split is reported once, by its first unit
+            for name in sorted(set(entries) - set(on_disk)):
+                yield P.reject_item(f"{split}/{name}", P.MISSING_IMAGE, f"listed in the annotations, but {folder / name} does not exist")
+            for prefix, coco in sorted(files.items()):
+                for ann_id, image_id in coco.orphans:
+                    detail = f"image_id {image_id!r} is not among the file's images"
+                    yield P.reject_item(f"annotations/{prefix}_{split}.json#{ann_id}", P.MISSING_IMAGE, detail)
+            if label_maps and "segmentation" in tasks:
+                stems = {Path(n).stem for n in entries}
+                for path in sorted((root / "labels" / split).glob("*.png")):
+                    if path.stem not in stems:
+                        yield P.reject_item(f"labels/{split}/{path.name}", P.MISSING_IMAGE, "no image of this name in the annotations")
 
-    def _image_items(self, folder, entry, annotations, categories, labels_dir) -> Iterator[Item]:
+    def _image_items(self, folder: Path, entry: dict, tasks: list[str], files: dict) -> Iterator[Item]:
         key = f"{folder.name}/{entry['file_name']}"
-        path = folder / entry["file_name"]
-        if not path.is_file():
-            yield P.reject_item(key, P.MISSING_IMAGE, f"listed in the annotations, but {path} does not exist")
-            return
-        data = path.read_bytes()
-        yield P.input_item(key, data)
+        data = (folder / entry["file_name"]).read_bytes()
         image = P.decode_rgb(data, self.recipe.image.max_pixels)
         if image is None:
-            return  # the shared path rejects the image itself with its reason
-        height, width = image.shape[:2]
-        for task in self.options.tasks:
-            if task != "segmentation" and entry["id"] not in annotations.get(task, {}):
-                continue
-            anns = annotations.get(task, {}).get(entry["id"], [])
+            yield P.input_item(key, data)  # the shared path rejects the image itself with its reason
+            return
+        out = []
+        for task in tasks:
+            anns = files[ANNOTATION_FILES[task]].annotations.get(entry["id"], []) if ANNOTATION_FILES[task] in files else []
             try:
-                if (entry.get("width"), entry.get("height")) not in ((width, height), (None, None)):
-                    raise render.AnnotationError(
-                        render.MISMATCHED_ANNOTATION, f"annotations say {entry.get('width')}x{entry.get('height')}, image is {width}x{height}"
-                    )
-                if task == "detection" and anns:
-                    for ann in anns:
-                        _check_category(ann, categories[task])
-                    rendered = render.render_detection(image, [(ann.get("bbox", []), ann["category_id"]) for ann in anns])
-                elif task == "pose" and any(ann.get("num_keypoints", 1) > 0 for ann in anns):
-                    people = [ann.get("keypoints", []) for ann in anns if ann.get("num_keypoints", 1) > 0]
-                    background = image if self.options.pose_background == "image" else None
-                    rendered = render.render_pose(people, height, width, background, self.options.pose_min_visibility)
-                elif task == "segmentation" and labels_dir.is_dir():
-                    labels = P.fit_nearest(_label_map(labels_dir, entry, height, width), self.recipe.image)
-                    rendered = render.render_segmentation(labels, self.options.ignore_label)
-                else:
-                    continue  # this image has no annotation of this type
+                rendered = self._render(task, image, entry, anns, files, folder)
             except render.AnnotationError as err:
-                yield P.reject_item(P.annotation_key(key, task), err.reason, err.detail)
+                out.append(P.reject_item(P.annotation_key(key, task), err.reason, err.detail))
                 continue
-            yield P.annotation_item(key, task, rendered)
+            if rendered is not None:  # None: this image has no annotation of this type (not a reject)
+                out.append(P.annotation_item(key, task, rendered))
+        if not out:  # nothing to pair it with: say so instead of tokenizing it
+            yield P.reject_item(key, UNANNOTATED, f"image id {entry['id']} has no annotation of {', '.join(tasks) or 'any task'}")
+            return
+        yield P.input_item(key, data)
+        yield from out
+
+    def _render(self, task: str, image: np.ndarray, entry: dict, anns: list[dict], files: dict, folder: Path) -> np.ndarray | None:
+        height, width = image.shape[:2]
+        if task == "segmentation" and self.options.segmentation_from == "label_maps":
+            labels = _label_map(folder.parent / "labels" / folder.name, entry, height, width)
+            return render.render_segmentation(P.fit_nearest(labels, self.recipe.image), self.options.ignore_label)
+        if task == "pose":
+            anns = [a for a in anns if a.get("num_keypoints", 1) > 0]
+        if not anns:
+            return None
+        if (entry.get("width"), entry.get("height")) not in ((width, height), (None, None)):
+            detail = f"annotations say {entry.get('width')}x{entry.get('height')}, image is {width}x{height}"
+            raise render.AnnotationError(render.MISMATCHED_ANNOTATION, detail)
+        if task == "detection":
+            coco = files[ANNOTATION_FILES[task]]
+            for ann in anns:
+                coco_masks.check_category(ann, coco.palette_index, labels=False)
+            return render.render_detection(image, [(ann.get("bbox", []), ann["category_id"]) for ann in anns])
+        if task == "pose":
+            background = image if self.options.pose_background == "image" else None
+            people = [ann.get("keypoints", []) for ann in anns]
+            return render.render_pose(people, height, width, background, self.options.pose_min_visibility)
+        coco = files[ANNOTATION_FILES[task]]
+        labels = coco_masks.semantic_labels(anns, coco.palette_index, height, width, self.options.crowd)
+        if labels is None:
+            return None  # annotations without any mask (boxes only)
+        return render.render_segmentation(P.fit_nearest(labels, self.recipe.image))
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
         return P.assemble_annotated(units, self.options.tasks, self.options, self.rng)
 
 
-def _load_coco(path: Path) -> dict:
+def _parse_unit(unit: str) -> tuple[Path, int]:
+    folder, _, start = unit.rpartition("#")
+    return Path(folder), int(start)
+
+
+def _image_files(folder: Path) -> list[str]:
+    """Image files under `folder` (recursively), as sorted paths relative to it."""
+    out = []
+    for dirpath, _, filenames in os.walk(folder):
+        rel = os.path.relpath(dirpath, folder)
+        out += [n if rel == "." else f"{rel}/{n}" for n in filenames if os.path.splitext(n)[1].lower() in IMAGE_SUFFIXES]
+    return sorted(out)
+
+
+def _mentions(path: Path, needle: bytes, chunk: int = 1 << 24) -> bool:
+    """Whether the file's bytes contain `needle` (a fast scan; no JSON parse)."""
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            if needle in tail + block:
+                return True
+            tail = block[-len(needle) :]
+    return False
+
+
+@dataclass
+class _CocoFile:
+    by_name: dict[str, dict]  # file name -> image entry
+    annotations: dict[int, list[dict]]  # image id -> its annotations
+    orphans: list[tuple]  # (annotation id, image id) of annotations whose image is not in the file
+    palette_index: dict[int, int]  # category id -> label value (coco_masks.palette_indices)
+    has_masks: bool  # some annotation has a `segmentation` field
+
+
+@functools.lru_cache(maxsize=2)
+def _load_coco(path: str, mtime_ns: int) -> _CocoFile:
+    """Parse and index one annotation file; cached per process (a Ray worker reading several
+    units of a split parses its JSON once; instances_train2017.json takes ~2-3 GB parsed)."""
     try:
-        data = json.loads(path.read_bytes())
+        data = json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"not valid JSON: {err}") from None
     if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
@@ -166,12 +261,16 @@ def _load_coco(path: Path) -> dict:
             raise ValueError(f"image entry without id or file_name: {str(im)[:100]}")
     if not all(isinstance(a, dict) for a in data["annotations"]) or not all(isinstance(c, dict) and "id" in c for c in data["categories"]):
         raise ValueError("annotations and categories must be objects (categories with an id)")
-    return data
-
-
-def _check_category(ann: dict, known: set) -> None:
-    if ann.get("category_id") not in known:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"annotation {ann.get('id')}: unknown category_id {ann.get('category_id')!r}")
+    annotations: dict[int, list[dict]] = {im["id"]: [] for im in data["images"]}
+    orphans = []
+    for ann in data["annotations"]:
+        if ann.get("image_id") in annotations:
+            annotations[ann["image_id"]].append(ann)
+        else:
+            orphans.append((ann.get("id"), ann.get("image_id")))
+    by_name = {im["file_name"]: im for im in data["images"]}
+    has_masks = any("segmentation" in ann for ann in data["annotations"])
+    return _CocoFile(by_name, annotations, orphans, coco_masks.palette_indices(data["categories"]), has_masks)
 
 
 def _label_map(labels_dir: Path, entry: dict, height: int, width: int) -> np.ndarray:

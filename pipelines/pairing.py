@@ -6,11 +6,15 @@ annotation type); so each image is tokenized once. `assemble_annotated` then bui
   - pairs: `pairs_per_sentence` (input, annotation) pairs of one type, {x1, y1, ... x8, y8},
     re-shuffled for each of `epochs` epochs;
   - multi-annotation tuples (`tuples: true`): m images from {x, a1 ... ak}, 2 <= m <= k+1 <= 16;
-and records every image that no sentence used as a reject.
+and records every image that no sentence used as a reject. All of it unit by unit: an input
+and its annotations always lie in one unit, and pairs never cross units.
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 import io
+import random
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
@@ -151,20 +155,36 @@ def tuple_sentences(
             yield Sentence(TUPLE_TASK, images, meta={"annotation": list(chosen), "layout": "tuple", "epoch": 0})
 
 
+def unit_rng(rng, unit: str) -> random.Random:
+    """A unit's own generator, derived from the source's seeded `rng` (its state is read, not
+    advanced) and the unit's name: a unit's sentences do not depend on which other units exist
+    or in which order they are assembled, nor on where the data lives (only the unit's last path
+    component counts)."""
+    digest = hashlib.sha256(repr(rng.getstate()).encode() + b"\x1f" + Path(unit).name.encode()).hexdigest()
+    return random.Random(digest)
+
+
 def assemble_annotated(
     units: Iterable[UnitImages], tasks: list[str], options: PairingOptions, rng, derived_first: tuple[str, ...] = ()
 ) -> Iterator[Sentence | Reject]:
-    """Pair sentences per task (in `tasks` order), then tuples; every unused image is a Reject.
+    """Per unit: pair sentences per task (in `tasks` order), then tuples; every unused image is a Reject.
 
+    Pairing is unit-local (pairs are shuffled within a unit, per epoch, with the unit's own
+    `unit_rng`), so memory stays bounded by a unit and units can be assembled independently.
     Pairs are (input, annotation), except for tasks in `derived_first`, whose rendered image is
     the question and the input the answer (colorization: grayscale -> color)."""
-    groups: dict[str, dict[str, ImageRecord]] = {}
-    unit_of: dict[str, str] = {}
     for unit in units:
-        for image in unit.images:
-            pair, role = image.meta.get("pair", image.key), image.meta.get("role", INPUT)
-            groups.setdefault(pair, {})[role] = image
-            unit_of[image.key] = unit.unit
+        yield from assemble_unit(unit, tasks, options, unit_rng(rng, unit.unit), derived_first)
+
+
+def assemble_unit(
+    unit: UnitImages, tasks: list[str], options: PairingOptions, rng, derived_first: tuple[str, ...] = ()
+) -> Iterator[Sentence | Reject]:
+    """One unit's sentences and rejects (see `assemble_annotated`)."""
+    groups: dict[str, dict[str, ImageRecord]] = {}
+    for image in unit.images:
+        pair, role = image.meta.get("pair", image.key), image.meta.get("role", INPUT)
+        groups.setdefault(pair, {})[role] = image
     used: set[str] = set()
     for task in tasks:
         pairs = [(g[INPUT], g[task]) for _, g in sorted(groups.items()) if INPUT in g and task in g]
@@ -173,6 +193,7 @@ def assemble_annotated(
         yield from pair_sentences(pairs, task, options, rng, used)
     if options.tuples:
         yield from tuple_sentences(groups, tasks, options, rng, used)
+    name = unit.unit
     for pair in sorted(groups):
         group = groups[pair]
         for role in sorted(group):
@@ -180,10 +201,10 @@ def assemble_annotated(
             if image.key in used:
                 continue
             if role == INPUT and len(group) == 1:
-                yield Reject(image.key, UNPAIRED, "none of its annotations or targets survived", unit_of[image.key])
+                yield Reject(image.key, UNPAIRED, "none of its annotations or targets survived", name)
             elif INPUT not in group:
-                yield Reject(image.key, UNPAIRED, f"its input {pair} was rejected", unit_of[image.key])
+                yield Reject(image.key, UNPAIRED, f"its input {pair} was rejected", name)
             elif role != INPUT and role not in tasks:
-                yield Reject(image.key, UNPAIRED, f"annotation type {role!r} is not in sentence.tasks", unit_of[image.key])
+                yield Reject(image.key, UNPAIRED, f"annotation type {role!r} is not in sentence.tasks", name)
             else:
-                yield Reject(image.key, R.UNUSED_REMAINDER, "left over when pairs were cut into sentences", unit_of[image.key])
+                yield Reject(image.key, R.UNUSED_REMAINDER, "left over when pairs were cut into sentences", name)

@@ -44,6 +44,24 @@ IGNORE_LABEL = 255
 PALETTE[IGNORE_LABEL] = (0, 0, 0)
 
 
+# ADE20K (SceneParsing, 150 classes): class c in 1..150 -> the c-th color of its standard palette
+# (as MMSegmentation and the ADE20K toolkit draw it), 0 ("other") and 151..255 -> black.
+_ADE20K_HEX = (
+    "787878b4787806e6e650323204c8037878508c8c8ccc05ffe6e6e604fa07e005ffebff0796053d78784608ff33ff0652"
+    "8fff8cccff04ff3307cc46030066c83de6faff06330b66ffff0747ff09e00907e6dcdcdcff095c7009ff08ffd607ffe0"
+    "ffb8060aff47ff290a07ffffe0ff086608ffff3d06ffc207ff7a0800ff14ff0829ff05990633ffeb0cffa0961400a3ff"
+    "8c8c8cfa0a0f14ff001fff00ff1f00ffe00099ff000000ffff470000ebff00adff1f00ff0bc8c8ff520000fff5003dff"
+    "00ff7000ff85ff0000ffa300ff6600c2ff00008fff33ff000052ff00ff2900ffad0a00ffadff0000ff99ff5c00ff00ff"
+    "ff00f5ff0066ffad00ff0014ffb8b8001fff00ff3d0047ffff00cc00ffc200ff52000aff0070ff3300ff00c2ff007aff"
+    "00ffa3ff990000ff0aff70008fff005200ffa3ff00ffeb0008b8aa8500ff00ff5cb800ffff001f00b8ff00d6ffff0070"
+    "5cff0000e0ff70e0ff46b8a0a300ff9900ff47ff00ff00a3ffcc00ff008f00ffeb85ff00ff00ebf500ffff007afff500"
+    "0abed4d6ff0000ccff1400ffffff000099ff0029ff00ffcc2900ff29ff00ad00ff00f5ff4700ff7a00ff00ffb8005cff"
+    "b8ff000085ffffd60019c2c266ff005c00ff"
+)
+ADE20K_PALETTE = np.zeros((256, 3), np.uint8)
+ADE20K_PALETTE[1:151] = np.frombuffer(bytes.fromhex("".join(_ADE20K_HEX)), np.uint8).reshape(150, 3)
+
+
 def category_color(category_id: int) -> tuple[int, int, int]:
     """Detection box color of a category: hue stepped by the golden ratio, full saturation."""
     hue = int((category_id * 0.618033988749895 % 1.0) * 180)  # OpenCV hue range is 0..179
@@ -51,14 +69,15 @@ def category_color(category_id: int) -> tuple[int, int, int]:
     return tuple(int(v) for v in cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)[0, 0])
 
 
-def render_segmentation(labels: np.ndarray, ignore_label: int = IGNORE_LABEL) -> np.ndarray:
-    """(H, W) integer class ids -> (H, W, 3) palette colors; `ignore_label` -> black."""
+def render_segmentation(labels: np.ndarray, ignore_label: int | None = IGNORE_LABEL, palette: np.ndarray = PALETTE) -> np.ndarray:
+    """(H, W) integer class ids -> (H, W, 3) colors of `palette` (256 x 3); `ignore_label` -> black."""
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise AnnotationError(BAD_ANNOTATION, f"label map must be (H, W) integers, got {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
         raise AnnotationError(BAD_ANNOTATION, f"class ids must be in 0..255, got {labels.min()}..{labels.max()}")
-    out = PALETTE[labels.astype(np.int64)]
-    out[labels == ignore_label] = 0
+    out = palette[labels.astype(np.int64)]
+    if ignore_label is not None:
+        out[labels == ignore_label] = 0
     return out
 
 
@@ -176,6 +195,27 @@ def render_depth(depth: np.ndarray, mode: str = "colormap") -> np.ndarray:
     lo, hi = d[valid].min(), d[valid].max()
     near = np.zeros_like(d)
     near[valid] = 1.0 if hi == lo else (hi - d[valid]) / (hi - lo)
+    gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
+    if mode == "grayscale":
+        out = np.repeat(gray[..., None], 3, axis=2)
+    else:
+        out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
+    out[~valid] = 0
+    return out
+
+
+def render_disparity(disparity: np.ndarray, mode: str = "colormap") -> np.ndarray:
+    """Disparity / inverse depth (H, W) float, as relative depth models predict it (large = near)
+    -> the same look as `render_depth`: normalized per image over the finite pixels, near bright;
+    NaN and inf -> black. A constant map is drawn mid-gray (no depth order to show)."""
+    d = np.asarray(disparity, dtype=np.float64)
+    if d.ndim != 2:
+        raise AnnotationError(BAD_ANNOTATION, f"disparity must be (H, W), got {d.shape}")
+    valid = np.isfinite(d)
+    near = np.zeros_like(d)
+    if valid.any():
+        lo, hi = d[valid].min(), d[valid].max()
+        near[valid] = 0.5 if hi == lo else (d[valid] - lo) / (hi - lo)
     gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
     if mode == "grayscale":
         out = np.repeat(gray[..., None], 3, axis=2)

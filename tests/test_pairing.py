@@ -15,14 +15,18 @@ def record(key, pair, role):
     return ImageRecord(key, np.zeros(256, np.uint16), key, 64, 64, {"pair": pair, "role": role})
 
 
-def fake_units(num_inputs=20, tasks=("depth", "normals"), skip=()):
-    """Inputs img/NNN.png, each with every task's annotation except the (index, task)s in `skip`."""
+def fake_units(num_inputs=20, tasks=("depth", "normals"), skip=(), num_units=2):
+    """Inputs img/NNN.png, each with every task's annotation except the (index, task)s in `skip`,
+    cut into `num_units` units (1 or 2) at an input boundary."""
     images = []
     for i in range(num_inputs):
         key = f"img/{i:03d}.png"
         images.append(record(key, key, P.INPUT))
         images += [record(f"{key}#{t}", key, t) for t in tasks if (i, t) not in skip]
-    return [UnitImages("u0", images[: len(images) // 2]), UnitImages("u1", images[len(images) // 2 :])]
+    if num_units == 1:
+        return [UnitImages("u0", images)]
+    cut = next(i for i, im in enumerate(images) if im.key == f"img/{num_inputs // 2:03d}.png")
+    return [UnitImages("u0", images[:cut]), UnitImages("u1", images[cut:])]
 
 
 def run(units, tasks=("depth", "normals"), seed=0, **options):
@@ -66,8 +70,21 @@ def test_epochs_give_different_pairings_and_unique_ids():
     ids = [s.sentence_id("test") for s in sentences]
     assert len(set(ids)) == len(ids) and not rejects
     # exactly 8 pairs: each epoch is a reordering of the same 8; a repeated order would repeat an id
-    sentences, _ = run(fake_units(num_inputs=8), tasks=("depth",), epochs=20)
+    sentences, _ = run(fake_units(num_inputs=8, num_units=1), tasks=("depth",), epochs=20)
     assert len({s.sentence_id("test") for s in sentences}) == len(sentences) > 1
+
+
+def test_pairing_is_unit_local_and_independent_of_other_units():
+    units = fake_units(num_inputs=32)
+    sentences, rejects = run(units, epochs=2)
+    unit_of = {im.key: u.unit for u in units for im in u.images}
+    assert all(len({unit_of[im.key] for im in s.images}) == 1 for s in sentences)  # no sentence crosses units
+    assert Counter(unit_of[s.images[0].key] for s in sentences) == {"u0": 8, "u1": 8}  # 16 pairs/unit: 2 per task and epoch
+    keys = lambda out: [tuple(im.key for im in s.images) for s in out if unit_of[s.images[0].key] == "u1"]  # noqa: E731
+    alone, _ = run([units[1]], epochs=2)
+    assert keys(sentences) == keys(alone)  # u1's sentences do not depend on u0 being there
+    reordered, _ = run(units[::-1], epochs=2)
+    assert keys(reordered) == keys(sentences)
 
 
 def test_unpaired_images_are_rejected():
@@ -101,7 +118,7 @@ def test_tuple_size_is_capped_at_16_images():
 
 
 def test_derived_first_puts_the_rendering_before_the_original():
-    units = fake_units(num_inputs=8, tasks=("colorization",))
+    units = fake_units(num_inputs=8, tasks=("colorization",), num_units=1)
     opts = P.PairingOptions()
     out = [o for o in P.assemble_annotated(units, ["colorization"], opts, random.Random(0), derived_first=("colorization",))]
     (s,) = out
