@@ -9,6 +9,9 @@ A training config is a YAML file (recipes/train/*.yaml) with the sections `model
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,12 +92,16 @@ class DataOptions:
     mixture: dict[str, float] = field(default_factory=dict)  # SOURCE or SOURCE/TASK -> weight; 0 leaves it out
     shuffle_buffer: int = 1024  # sentences
     seed: int = 0
+    include_incomplete: bool = False  # also read runs whose manifest status is not `complete` (failed, running)
+    prefetch: int = 4  # batches built ahead by a background thread (0: build on the training thread)
 
     def validate(self, path: str) -> None:
         if self.seq_len < 2:
             raise ValueError(f"{path}.seq_len: must be >= 2, got {self.seq_len}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"{path}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch < 0:
+            raise ValueError(f"{path}.prefetch: must be >= 0, got {self.prefetch}")
         for key, weight in self.mixture.items():
             if weight < 0:
                 raise ValueError(f"{path}.mixture.{key}: weights must be >= 0, got {weight}")
@@ -132,14 +139,23 @@ class TrainOptions:
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     log_every: int = 10
     ckpt_every: int = 500  # steps; a checkpoint is also written at the end
+    eval_every: int = 0  # steps between validation losses on eval.runs (0: off)
+    eval_batches: int = 4  # micro-batches of eval.runs per validation
+    loss_chunk: int = 4096  # tokens per chunk of the fused output layer + cross-entropy (0: full logits)
     keep_checkpoints: int = 2
     tensorboard: bool = False
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
 
     def validate(self, path: str) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints",
+                     "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("eval_every", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"{path}.peak_tflops: must be > 0 (or null), got {self.peak_tflops}")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
                               ("parallel", ("ddp", "fsdp"))):
             if getattr(self, name) not in choices:
@@ -181,6 +197,39 @@ class TrainConfig:
 _SECTIONS = {"data": DataOptions, "optim": OptimOptions, "train": TrainOptions, "eval": EvalOptions}
 
 
+def _float_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {name for name, hint in hints.items()
+            if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint))
+            or (typing.get_origin(hint) is list and typing.get_args(hint) == (float,))}
+
+
+def _parse_number(value: Any) -> Any:
+    """'3e-4', '1_000.5', ' 2E3 ' -> float; anything else unchanged (the type check then names the field).
+    YAML 1.1 reads exponents without a dot (3e-4) as strings, and --set values go through YAML."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def _numbers_from_strings(cls: type, data: Any) -> Any:
+    """A copy of a section's mapping with the numeric strings of its float fields made floats."""
+    if not isinstance(data, dict):
+        return data
+    fields = _float_fields(cls)
+    out = dict(data)
+    for key in fields & set(out):
+        value = out[key]
+        out[key] = [_parse_number(v) for v in value] if isinstance(value, list) else _parse_number(value)
+    if cls is DataOptions and isinstance(out.get("mixture"), dict):  # weights are floats too
+        out["mixture"] = {k: _parse_number(v) for k, v in out["mixture"].items()}
+    return out
+
+
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """`model: {size: NAME, ...overrides}` plus the sections; ValueError names the bad field."""
     if not isinstance(data, dict):
@@ -196,10 +245,12 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     size = model_data.pop("size", "lvm_300m")
     if size not in MODEL_SIZES:
         raise ValueError(f"model.size: unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    model_data = _numbers_from_strings(ModelConfig, model_data)
     overrides = from_mapping(ModelConfig, model_data, "model")  # checks keys and types
     model = model_config(size, **{k: getattr(overrides, k) for k in model_data})
     model.validate("model")
-    sections = {name: from_mapping(cls, data.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sections = {name: from_mapping(cls, _numbers_from_strings(cls, data.get(name) or {}), name)
+                for name, cls in _SECTIONS.items()}
     for name, section in sections.items():
         section.validate(name)
     config = TrainConfig(model=model, size=size, **sections)

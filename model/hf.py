@@ -56,7 +56,7 @@ def hf_config(config: ModelConfig) -> dict:
 def export_hf(model: LLaMA | str | Path, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` (HF names) for a model or a checkpoint/training folder."""
     if not isinstance(model, LLaMA):
-        from model.train import load_model
+        from model.checkpoint import load_model
 
         model = load_model(model)
     out_dir = Path(out_dir)
