@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import queue
 import threading
@@ -166,10 +165,13 @@ class ComponentStream:
 
     def __init__(self, comp: Component, index: int, seed: int, buffer_size: int):
         self.comp, self.index, self.seed, self.buffer_size = comp, index, seed, buffer_size
-        self.reader = RowGroupReader()
+        self.reader = RowGroupReader(capacity=2)
         self.rng = np.random.default_rng([seed, index, 1])
         self.epoch, self.shard_pos, self.row_pos = 0, 0, 0
         self.buffer: list[tuple[int, int]] = []
+        # The tokens of the buffer's sentences, read as they enter it: row groups are read in stream
+        # order, each once per epoch (a sentence can stay in a shuffle buffer long after its row group).
+        self.held: list[np.ndarray] = []
         self._order: tuple[int, list[int]] | None = None  # (epoch, shard order), memoized
         self._rows_of: tuple[int, list[int]] | None = None  # (shard, its rows for this component)
 
@@ -183,12 +185,7 @@ class ComponentStream:
     def _rows(self, shard: int) -> list[int]:
         if self._rows_of is not None and self._rows_of[0] == shard:
             return self._rows_of[1]
-        path = self.comp.shards[shard]
-        rows = [i for i, t in enumerate(self.reader.tasks(path)) if t in self.comp.tasks]
-        # The shuffle buffer spans about buffer_size rows back: keep that many row groups of this shard's size.
-        starts = self.reader.row_starts(path)
-        rows_per_group = max(1, int(np.diff(starts).max(initial=1)))
-        self.reader.capacity = max(self.reader.capacity, math.ceil(self.buffer_size / rows_per_group) + 2)
+        rows = [i for i, t in enumerate(self.reader.tasks(self.comp.shards[shard])) if t in self.comp.tasks]
         self._rows_of = (shard, rows)
         return rows
 
@@ -209,14 +206,20 @@ class ComponentStream:
             if empty_epochs > 1:
                 raise ValueError(f"data: component {self.comp.key} has no sentences")
 
+    def _read(self, ref: tuple[int, int]) -> np.ndarray:
+        return self.reader.sentence(self.comp.shards[ref[0]], ref[1]).copy()  # a copy frees the row group
+
     def next(self) -> np.ndarray:
         while len(self.buffer) < self.buffer_size:
-            self.buffer.append(self._next_in_order())
+            ref = self._next_in_order()
+            self.buffer.append(ref)
+            self.held.append(self._read(ref))
         i = int(self.rng.integers(len(self.buffer)))
-        shard, row = self.buffer[i]
-        self.buffer[i] = self.buffer[-1]
+        tokens = self.held[i]
+        self.buffer[i], self.held[i] = self.buffer[-1], self.held[-1]
         self.buffer.pop()
-        return self.reader.sentence(self.comp.shards[shard], row)
+        self.held.pop()
+        return tokens
 
     def snapshot(self) -> tuple:
         """The position, cheaply (the buffer's references are immutable tuples)."""
@@ -230,6 +233,9 @@ class ComponentStream:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.epoch, self.shard_pos, self.row_pos = state["epoch"], state["shard_pos"], state["row_pos"]
         self.buffer = [tuple(ref) for ref in state["buffer"]]
+        self.held = [None] * len(self.buffer)
+        for i in sorted(range(len(self.buffer)), key=self.buffer.__getitem__):  # each row group read once
+            self.held[i] = self._read(self.buffer[i])
         self.rng.bit_generator.state = state["rng"]
 
 

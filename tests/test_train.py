@@ -232,6 +232,12 @@ def test_shards_are_read_by_row_group(tmp_path):
     # rows 0 and 15 share group 0; 16 is group 1; 99 group 6; 50 group 3; row 3 is group 0 again (evicted)
     assert reader.num_reads == 5 and len(reader.groups) == 2
     assert all(len(offsets) - 1 <= 16 for _, offsets in reader.groups.values())  # never a whole shard
+    # A stream reads its row groups in order, each once per epoch, however long a sentence stays in
+    # the shuffle buffer: 100 rows in 7 groups, all of them through a 32-sentence buffer.
+    stream = PackedLoader([tmp_path / "r"], 256, 1, shuffle_buffer=32).streams[0]
+    drawn = [stream.next().tolist() for _ in range(69)]  # the 69th draw has taken the 100th row into the buffer
+    assert stream.reader.num_reads == 7 and stream.row_pos == 100
+    assert all(d in table for d in drawn)
 
 
 def test_runs_follow_symlinks_and_leave_out_incomplete_ones(tmp_path, caplog):
@@ -275,6 +281,26 @@ def test_loss_decreases(runs, tmp_path):
     first, last = np.mean([h["loss"] for h in history[:3]]), np.mean([h["loss"] for h in history[-3:]])
     assert first > 8.5 and last < first - 2.0, (first, last)
     assert all("tokens_per_s" in h for h in history if h["step"] % 5 == 0)
+
+
+def test_validation_loss_during_training_and_mfu(runs, eval_runs, tmp_path):
+    cfg = config(runs, tmp_path / "v", train={"max_steps": 4, "eval_every": 2, "eval_batches": 2, "log_every": 1,
+                                              "ckpt_every": 4, "peak_tflops": 0.5},
+                 eval={"runs": [str(eval_runs)]})
+    history = train(cfg)["history"]
+    assert [h["step"] for h in history if "val_loss" in h] == [2, 4]
+    # The last validation loss, recomputed independently from the final weights and held-out windows.
+    model = load_model(tmp_path / "v")
+    loader = PackedLoader([eval_runs], 256, 4, shuffle_buffer=1, seed=0)
+    with torch.no_grad():
+        want = np.mean([model(*loader.next_batch())[1].item() for _ in range(2)])
+    assert history[-1]["val_loss"] == pytest.approx(want, rel=1e-5)
+    logged = [json.loads(line) for line in (tmp_path / "v" / "log.jsonl").read_text().splitlines()]
+    assert logged[1]["val_loss"] == history[1]["val_loss"]
+    flops = model.flops_per_token(256)
+    for h in history:  # MFU from the measured step time and train.peak_tflops
+        assert h["mfu"] == pytest.approx(h["tokens_per_s"] * flops / 0.5e12)
+        assert h["tokens_per_s"] == pytest.approx(4 * 256 / h["step_time_s"])
 
 
 def test_eval_protocol_on_a_tiny_model(eval_runs):
