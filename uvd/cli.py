@@ -273,7 +273,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate, format_results
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model = load_model(args.model, _device(args.device))
     results = evaluate(model, args.data, args.max_prompts, args.windows, args.batch_size)
@@ -283,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prompt(args: argparse.Namespace) -> int:
     from model.prompt import prompt
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model = load_model(args.model, _device(args.device))
     result = prompt(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
