@@ -151,7 +151,7 @@ def load_checkpoint(ckpt: str | Path, raw: LLaMA, optimizer: torch.optim.Optimiz
     rank, each reading only the shards it holds; -> trainer.json plus `data` (the loader position)."""
     ckpt = Path(ckpt)
     info = checkpoint_info(ckpt)
-    if info["model"] != raw.config.to_dict():
+    if ModelConfig(**info["model"]).to_dict() != raw.config.to_dict():  # fields added since are at their defaults
         raise ValueError(f"train.out: {ckpt} holds a checkpoint of another model ({info['model']}); "
                          "use another train.out or delete it")
     if not (ckpt / STATE_DIR).is_dir():

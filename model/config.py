@@ -41,12 +41,22 @@ class ModelConfig:
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # Sparse mixture-of-experts FFN (model/moe.py); 0 experts: every block dense, as the LVM.
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts per token: 1 (Switch) or 2 (GShard)
+    moe_every: int = 2  # every n-th block (blocks n-1, 2n-1, ...) is sparse
+    moe_ffn_dim: int | None = None  # per expert; None: ffn_dim / top_k, the dense block's active parameters
+    moe_capacity_factor: float = 1.25
+    moe_routing: str = "token"  # token (by content) or attribute (by the token's modality, AG-MoE)
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss in the training loss
 
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.ffn_dim is None:
             self.ffn_dim = 256 * ((int(8 * self.dim / 3) + 255) // 256)
+        if self.moe_ffn_dim is None and self.moe_experts:
+            self.moe_ffn_dim = max(1, self.ffn_dim // max(1, self.moe_top_k))
 
     def validate(self, path: str) -> None:
         for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -58,6 +68,20 @@ class ModelConfig:
             raise ValueError(f"{path}.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
         if self.vocab_size <= EOS_ID:
             raise ValueError(f"{path}.vocab_size: must be > {EOS_ID} (visual ids + PAD, BOS, EOS)")
+        if self.moe_experts:
+            if self.moe_experts < 2:
+                raise ValueError(f"{path}.moe_experts: 0 (dense) or >= 2, got {self.moe_experts}")
+            if self.moe_top_k not in (1, 2) or self.moe_top_k > self.moe_experts:
+                raise ValueError(f"{path}.moe_top_k: 1 or 2 (and <= moe_experts), got {self.moe_top_k}")
+            if self.moe_every < 1 or self.moe_every > self.num_layers:
+                raise ValueError(f"{path}.moe_every: between 1 and num_layers {self.num_layers}, got {self.moe_every}")
+            if self.moe_capacity_factor <= 0 or self.moe_ffn_dim <= 0 or self.moe_aux_weight < 0:
+                raise ValueError(f"{path}.moe_capacity_factor/moe_ffn_dim/moe_aux_weight: need > 0, > 0, >= 0")
+            if self.moe_routing not in ("token", "attribute"):
+                raise ValueError(f"{path}.moe_routing: {self.moe_routing!r} is not one of token, attribute")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
 
     @property
     def head_dim(self) -> int:

@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
+from model.config import NUM_VISUAL_TOKENS, VOCAB_SIZE, ModelConfig
+from model.moe import MoE, token_attributes
 
 
 class RMSNorm(nn.Module):
@@ -165,11 +166,16 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config.dim, config.moe_ffn_dim, config.moe_experts, config.moe_top_k,
+                       config.moe_capacity_factor, config.moe_routing) if config.is_moe_layer(layer) else MLP(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, attributes: torch.Tensor | None = None):
+        """-> (x, the MoE load-balancing loss, or None for a dense block)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.post_attention_layernorm(x), attributes)
+            return x + y, aux
+        return x + self.mlp(self.post_attention_layernorm(x)), None
 
 
 class LLaMA(nn.Module):
@@ -196,14 +202,20 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; `active`: those one token uses (top_k of each MoE layer's experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            for block in self.layers:
+                if isinstance(block.mlp, MoE):
+                    per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+                    n -= (block.mlp.num_experts - block.mlp.top_k) * per_expert
         return n if embeddings else n - self.embed_tokens.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + attention (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 N (active parameters) + attention (PaLM appendix B)."""
         c = self.config
-        return 6 * self.num_params(embeddings=False) + 12 * c.num_layers * c.dim * seq_len
+        return 6 * self.num_params(embeddings=False, active=True) + 12 * c.num_layers * c.dim * seq_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
         """idx (B, T) ids -> (logits (B, T, V), None); with targets (B, T) (-100 ignored): (None, mean loss),
@@ -215,20 +227,29 @@ class LLaMA(nn.Module):
         x = self.embed_tokens(idx)
         cos = self.rope_cos[start : start + T].to(x.dtype)
         sin = self.rope_sin[start : start + T].to(x.dtype)
+        attributes = token_attributes(idx, NUM_VISUAL_TOKENS, VOCAB_SIZE - NUM_VISUAL_TOKENS) \
+            if self.config.moe_experts and self.config.moe_routing == "attribute" else None
+        aux = []
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, cos, sin, None, attributes, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x, block_aux = block(x, cos, sin, cache, attributes)
+            if block_aux is not None:
+                aux.append(block_aux)
         if cache is not None:
             cache.pos += T
         x = self.norm(x)
+        logits = None
         if targets is not None and self.loss_chunk > 0:
-            return None, chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+        else:
+            logits = self.lm_head(x)
+            loss = None
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if loss is not None and aux and self.training:  # the training loss; eval reports cross-entropy alone
+            loss = loss + self.config.moe_aux_weight * torch.stack(aux).mean()
         return logits, loss
 
     @torch.no_grad()
