@@ -107,7 +107,8 @@ def _single_process_ok():
 
 
 def save_checkpoint(out: str | Path, step: int, tokens: int, raw: LLaMA, optimizer: torch.optim.Optimizer,
-                    data_state: dict[str, Any], seq_len: int, keep: int, export: bool = False) -> Path:
+                    data_state: dict[str, Any], seq_len: int, keep: int, export: bool = False,
+                    extra: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint on every rank (a collective under torchrun): each rank its own shards of
     the model and optimizer state; rank 0 the data position and trainer.json, and with `export`
     the full weights as safetensors. The folder appears (renamed from a temp name) only when complete."""
@@ -132,7 +133,7 @@ def save_checkpoint(out: str | Path, step: int, tokens: int, raw: LLaMA, optimiz
             save_model(full, tmp / WEIGHTS_FILE)
         (tmp / "data.json").write_text(json.dumps(data_state))
         trainer = {"step": step, "tokens": tokens, "seq_len": seq_len, "world_size": world_size,
-                   "model": raw.config.to_dict()}
+                   "model": raw.config.to_dict(), **(extra or {})}
         (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1))
         shutil.rmtree(root / name, ignore_errors=True)
         os.replace(tmp, root / name)

@@ -118,6 +118,8 @@ class DataOptions:
     seed: int = 0
     include_incomplete: bool = False  # also read runs whose manifest status is not `complete` (failed, running)
     prefetch: int = 4  # batches built ahead by a background thread (0: build on the training thread)
+    batching: str = "mixed"  # mixed (every window mixes by weight) or task (each step one SOURCE/TASK)
+    task_alpha: float = 0.5  # task batching: P(task) proportional to its tokens ^ task_alpha
 
     def validate(self, path: str) -> None:
         if self.seq_len < 2:
@@ -126,6 +128,10 @@ class DataOptions:
             raise ValueError(f"{path}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
         if self.prefetch < 0:
             raise ValueError(f"{path}.prefetch: must be >= 0, got {self.prefetch}")
+        if self.batching not in ("mixed", "task"):
+            raise ValueError(f"{path}.batching: {self.batching!r} is not one of mixed, task")
+        if self.task_alpha < 0:
+            raise ValueError(f"{path}.task_alpha: must be >= 0, got {self.task_alpha}")
         for key, weight in self.mixture.items():
             if weight < 0:
                 raise ValueError(f"{path}.mixture.{key}: weights must be >= 0, got {weight}")
@@ -169,6 +175,7 @@ class TrainOptions:
     keep_checkpoints: int = 2
     tensorboard: bool = False
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
+    task_grad_balance: bool = False  # with data.batching: task, rescale each task's gradient (see README)
 
     def validate(self, path: str) -> None:
         for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints",
@@ -278,6 +285,8 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     for name, section in sections.items():
         section.validate(name)
     config = TrainConfig(model=model, size=size, **sections)
+    if config.train.task_grad_balance and config.data.batching != "task":
+        raise ValueError("train.task_grad_balance: needs data.batching: task (one task per step)")
     if config.data.seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len: {config.data.seq_len} is longer than model.max_seq_len {model.max_seq_len}")
     return config

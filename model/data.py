@@ -82,10 +82,17 @@ class Component:
 
 
 def find_components(runs: list[str | Path], mixture: dict[str, float] | None = None,
-                    include_incomplete: bool = False) -> list[Component]:
+                    include_incomplete: bool = False, task_alpha: float | None = None) -> list[Component]:
     """Components of the data under `runs`, weighted. A component the mixture does not name
-    weighs its natural token share; weights are relative; weight 0 leaves a component out."""
+    weighs its natural token share; weights are relative; weight 0 leaves a component out.
+    With `task_alpha` (task-homogeneous batches) every SOURCE/TASK is a component weighing
+    tokens^task_alpha (tokens: visual tokens + BOS/EOS), and the mixture may only hold 0s."""
     mixture = dict(mixture or {})
+    if task_alpha is not None:
+        for key, weight in mixture.items():
+            if weight != 0:
+                raise ValueError(f"data.mixture.{key}: with data.batching: task the weights are size^data.task_alpha; "
+                                 "the mixture may only leave components out (weight 0)")
     by_source: dict[str, dict[str, dict]] = {}  # source -> task -> {"tokens", "shards"}
     run_dirs = discover_runs(runs, include_incomplete)
     if not run_dirs:
@@ -107,14 +114,20 @@ def find_components(runs: list[str | Path], mixture: dict[str, float] | None = N
     components = []
     for source in sorted(by_source):
         tasks = by_source[source]
-        groups = [(f"{source}/{t}", {t}) for t in sorted(tasks) if f"{source}/{t}" in mixture]
-        rest = {t for t in tasks if f"{source}/{t}" not in mixture}
-        if rest:
-            groups.append((source, rest))
+        if task_alpha is not None:  # one component per task
+            groups = [(f"{source}/{t}", {t}) for t in sorted(tasks)]
+        else:
+            groups = [(f"{source}/{t}", {t}) for t in sorted(tasks) if f"{source}/{t}" in mixture]
+            rest = {t for t in tasks if f"{source}/{t}" not in mixture}
+            if rest:
+                groups.append((source, rest))
         for key, group in groups:
             tokens = sum(tasks[t]["tokens"] for t in group)
             shards = sorted({s for t in group for s in tasks[t]["shards"]})
-            weight = mixture.get(key, tokens / total if total else 0.0)
+            if task_alpha is not None:
+                weight = 0.0 if mixture.get(source) == 0 or mixture.get(key) == 0 else float(tokens) ** task_alpha
+            else:
+                weight = mixture.get(key, tokens / total if total else 0.0)
             components.append(Component(key, source, group, shards, tokens, float(weight)))
     components = [c for c in components if c.weight > 0 and c.tokens > 0]
     if not components:
@@ -246,12 +259,26 @@ class PackedLoader:
     tokens that overlap by one (no token is lost between windows); a sentence longer than
     what is left of a window continues in the next one. A step's windows are the next
     `batch_size x world_size` of the global stream; rank r gets windows [r * B, (r + 1) * B).
+
+    `batching="task"`: task-homogeneous batches. Every `batches_per_task` global batches (one
+    optimizer step of grad_accum micro-batches) draw one SOURCE/TASK component with probability
+    proportional to its size in tokens ^ `task_alpha`, and all their windows pack that task alone
+    (each task keeps its own carry, so no window mixes tasks).
     """
 
     def __init__(self, runs: list[str | Path], seq_len: int, batch_size: int, mixture: dict[str, float] | None = None,
                  shuffle_buffer: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 include_incomplete: bool = False):
-        self.components = find_components(runs, mixture, include_incomplete)
+                 include_incomplete: bool = False, batching: str = "mixed", task_alpha: float = 0.5,
+                 batches_per_task: int = 1):
+        if batching not in ("mixed", "task"):
+            raise ValueError(f"data.batching: {batching!r} is not one of mixed, task")
+        self.task_batches = batching == "task"
+        self.components = find_components(runs, mixture, include_incomplete, task_alpha if self.task_batches else None)
+        self.batches_per_task = batches_per_task
+        self.task_rng = np.random.default_rng([seed, 2])
+        self.carries = [np.zeros(0, dtype=np.int64) for _ in self.components]  # task batches: one carry per task
+        self.num_batches = 0  # global batches taken
+        self.task = -1  # the component of the current task-homogeneous batches
         self.seq_len, self.batch_size, self.rank, self.world_size = seq_len, batch_size, rank, world_size
         self.streams = [ComponentStream(c, i, seed, shuffle_buffer) for i, c in enumerate(self.components)]
         self.weights = np.array([c.weight for c in self.components])
@@ -259,22 +286,33 @@ class PackedLoader:
         self.carry = np.zeros(0, dtype=np.int64)
         self.num_windows = 0  # windows of the global stream taken so far
 
-    def _next_window(self) -> np.ndarray:
-        pieces, length = [self.carry], len(self.carry)
+    def _next_window(self, task: int | None = None) -> np.ndarray:
+        carry = self.carry if task is None else self.carries[task]
+        pieces, length = [carry], len(carry)
         while length < self.seq_len + 1:
-            i = int(np.argmin(self.drawn / self.weights))  # the component furthest below its share
+            # the component furthest below its share, or the batch's task
+            i = int(np.argmin(self.drawn / self.weights)) if task is None else task
             tokens = self.streams[i].next()
             sentence = np.concatenate([[BOS_ID], tokens.astype(np.int64), [EOS_ID]])
             self.drawn[i] += len(sentence)
             pieces.append(sentence)
             length += len(sentence)
         buf = np.concatenate(pieces)
-        self.carry = buf[self.seq_len :]
+        if task is None:
+            self.carry = buf[self.seq_len :]
+        else:
+            self.carries[task] = buf[self.seq_len :]
         self.num_windows += 1
         return buf[: self.seq_len + 1]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        windows = [self._next_window() for _ in range(self.batch_size * self.world_size)]
+        task = None
+        if self.task_batches:
+            if self.num_batches % self.batches_per_task == 0:
+                self.task = int(self.task_rng.choice(len(self.components), p=self.weights))
+            task = self.task
+        self.num_batches += 1
+        windows = [self._next_window(task) for _ in range(self.batch_size * self.world_size)]
         mine = torch.from_numpy(np.stack(windows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]))
         return mine[:, :-1].contiguous(), mine[:, 1:].contiguous()
 
@@ -286,14 +324,25 @@ class PackedLoader:
         """Realized share of drawn tokens per component (of the global stream)."""
         return shares_of(self.components, self.drawn)
 
+    @property
+    def batch_task(self) -> str | None:
+        """The component key of the last batch in task-homogeneous batching, else None."""
+        return self.components[self.task].key if self.task_batches and self.task >= 0 else None
+
     def snapshot(self) -> tuple:
-        return self.num_windows, self.carry, self.drawn.copy(), [s.snapshot() for s in self.streams]
+        return (self.num_windows, self.carry, self.drawn.copy(), [s.snapshot() for s in self.streams],
+                self.num_batches, self.task, list(self.carries), self.task_rng.bit_generator.state)
 
     def state_from(self, snap: tuple) -> dict[str, Any]:
-        num_windows, carry, drawn, streams = snap
-        return {"version": STATE_VERSION, "seq_len": self.seq_len, "num_windows": num_windows,
-                "carry": carry.tolist(), "drawn": drawn.tolist(),
-                "streams": [s.state_from(x) for s, x in zip(self.streams, streams)]}
+        num_windows, carry, drawn, streams, num_batches, task, carries, task_rng = snap
+        state = {"version": STATE_VERSION, "seq_len": self.seq_len, "num_windows": num_windows,
+                 "carry": carry.tolist(), "drawn": drawn.tolist(),
+                 "streams": [s.state_from(x) for s, x in zip(self.streams, streams)]}
+        if self.task_batches:
+            state["task_batches"] = {"num_batches": num_batches, "task": task, "rng": task_rng,
+                                     "batches_per_task": self.batches_per_task,
+                                     "carries": [c.tolist() for c in carries]}
+        return state
 
     def state_dict(self) -> dict[str, Any]:
         return self.state_from(self.snapshot())
@@ -306,8 +355,18 @@ class PackedLoader:
                 f"data position does not fit this data: saved version {state.get('version')}, components {saved}, "
                 f"seq_len {state.get('seq_len')}; now {STATE_VERSION}, {keys}, {self.seq_len}"
             )
+        if self.task_batches != ("task_batches" in state):
+            raise ValueError("data.batching: the saved data position is of the other batching (mixed vs task)")
         self.num_windows = state["num_windows"]
         self.carry = np.array(state["carry"], dtype=np.int64)
+        if self.task_batches:
+            saved = state["task_batches"]
+            if saved["batches_per_task"] != self.batches_per_task:
+                raise ValueError(f"train.grad_accum: the saved position changes task every {saved['batches_per_task']} "
+                                 f"batches, now every {self.batches_per_task}")
+            self.num_batches, self.task = saved["num_batches"], saved["task"]
+            self.carries = [np.array(c, dtype=np.int64) for c in saved["carries"]]
+            self.task_rng.bit_generator.state = saved["rng"]
         self.drawn = np.array(state["drawn"], dtype=np.int64)
         for stream, s in zip(self.streams, state["streams"]):
             stream.load_state_dict(s)
@@ -371,6 +430,12 @@ class Prefetcher:
     @property
     def drawn(self) -> np.ndarray:
         return self._consumed[2]
+
+    @property
+    def batch_task(self) -> str | None:
+        """The task of the batch last handed out (task-homogeneous batching), else None."""
+        task = self._consumed[5]
+        return self.components[task].key if self.loader.task_batches and task >= 0 else None
 
     def token_shares(self) -> dict[str, float]:
         return shares_of(self.components, self.drawn)

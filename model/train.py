@@ -78,6 +78,42 @@ def peak_flops(options_tflops: float | None, device: torch.device) -> float | No
     return None
 
 
+class TaskGradBalance:
+    """Per-task gradient balancing for task-homogeneous steps (`train.task_grad_balance`).
+
+    Each task t keeps an exponential moving average m_t (beta 0.9, bias-corrected like Adam's
+    moments) of the global L2 norm of its steps' gradients, before clipping. A step of task t has
+    its gradient multiplied by mean(m over the tasks seen so far) / m_t: every task moves the
+    weights by the same typical amount, whatever the scale of its loss, so a task with large
+    gradients does not dominate Adam's second moments. Only the scale changes, not the direction."""
+
+    def __init__(self, num_tasks: int, beta: float = 0.9):
+        self.beta = beta
+        self.ema = [0.0] * num_tasks
+        self.count = [0] * num_tasks
+
+    def apply(self, params: list[torch.nn.Parameter], task: int) -> float:
+        grads = [p.grad for p in params if p.grad is not None]
+        norm = float(_local(torch.nn.utils.get_total_norm(grads)))  # one host sync per step
+        self.count[task] += 1
+        self.ema[task] = self.beta * self.ema[task] + (1 - self.beta) * norm
+        corrected = [e / (1 - self.beta ** c) for e, c in zip(self.ema, self.count) if c]
+        scale = (sum(corrected) / len(corrected)) / (self.ema[task] / (1 - self.beta ** self.count[task]))
+        if not math.isfinite(scale) or scale <= 0:  # a zero gradient: leave it
+            return 1.0
+        for g in grads:
+            g.mul_(scale)
+        return scale
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ema": list(self.ema), "count": list(self.count)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["ema"]) != len(self.ema):
+            raise ValueError("train.task_grad_balance: the checkpoint's tasks differ from the data's")
+        self.ema, self.count = list(state["ema"]), list(state["count"])
+
+
 def _forward_backward(model: torch.nn.Module, forward, x, y, autocast, scale: float, sync: bool) -> torch.Tensor:
     """One micro-batch; gradients are reduced across ranks only when `sync` (the last micro-batch):
     DDP's no_sync(), FSDP2's set_requires_gradient_sync(False) otherwise."""
@@ -148,7 +184,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     forward = torch.compile(model) if tc.compile else model
     optimizer = make_optimizer(raw, config.optim, device)
     loader = PackedLoader(config.data.runs, config.data.seq_len, tc.batch_size, config.data.mixture,
-                          config.data.shuffle_buffer, config.data.seed, rank, world_size, config.data.include_incomplete)
+                          config.data.shuffle_buffer, config.data.seed, rank, world_size, config.data.include_incomplete,
+                          config.data.batching, config.data.task_alpha, batches_per_task=tc.grad_accum)
+    keys = [c.key for c in loader.components]
+    balance = TaskGradBalance(len(keys)) if tc.task_grad_balance else None
 
     step, tokens = 0, 0
     ckpt = latest_checkpoint(out)
@@ -156,6 +195,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         info = load_checkpoint(ckpt, raw, optimizer)
         loader.load_state_dict(info["data"])
         step, tokens = info["step"], info["tokens"]
+        if balance is not None:
+            balance.load_state_dict(info["task_grad_balance"])
         if rank == 0:
             logger.info("resumed from %s (step %d, written by %d rank(s); now %d)", ckpt, step,
                         info.get("world_size", 1), world_size)
@@ -201,6 +242,9 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 loader_s += time.perf_counter() - t0
                 loss_sum += _forward_backward(model, forward, x, y, autocast, 1.0 / tc.grad_accum,
                                               sync=micro == tc.grad_accum - 1)
+            task = batches.batch_task
+            if balance is not None:
+                balance.apply(list(raw.parameters()), keys.index(task))
             grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), config.optim.grad_clip) \
                 if config.optim.grad_clip > 0 else torch.zeros((), device=device)
             optimizer.step()
@@ -214,7 +258,8 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 if device.type != "cuda":
                     loss_value /= world_size
             # Losses stay on the device until the next log step: no host sync per step.
-            pending.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.detach(), "tokens": tokens})
+            pending.append({"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.detach(), "tokens": tokens,
+                            **({"task": task} if task is not None else {})})
             is_last = step == tc.max_steps or (stop_after is not None and step >= stop_after)
             if step % tc.log_every == 0 or is_last:
                 values = torch.stack([torch.stack([r["loss"].float(), _local(r["grad_norm"]).float()]) for r in pending])
@@ -254,7 +299,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 pending = []
             if step % tc.ckpt_every == 0 or step == tc.max_steps:
                 save_checkpoint(out, step, tokens, raw, optimizer, batches.state_dict(), config.data.seq_len,
-                                tc.keep_checkpoints, export=step == tc.max_steps)
+                                tc.keep_checkpoints, export=step == tc.max_steps, extra=_extra(balance))
                 last_saved = step
             if stop_after is not None and step >= stop_after:
                 break
@@ -264,7 +309,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
                 t_last += time.perf_counter() - t_aside
         if step != last_saved:
             save_checkpoint(out, step, tokens, raw, optimizer, batches.state_dict(), config.data.seq_len,
-                            tc.keep_checkpoints, export=step == tc.max_steps)
+                            tc.keep_checkpoints, export=step == tc.max_steps, extra=_extra(balance))
     finally:
         if isinstance(batches, Prefetcher):
             batches.close()
@@ -275,6 +320,10 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
         writer.close()
     return {"step": step, "tokens": tokens, "history": history, "token_shares": shares,
             "weights": {c.key: c.weight for c in loader.components}, "out": str(out)}
+
+
+def _extra(balance: TaskGradBalance | None) -> dict[str, Any]:
+    return {"task_grad_balance": balance.state_dict()} if balance is not None else {}
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

@@ -112,6 +112,11 @@ def test_fsdp_checkpoint_resumes_on_another_number_of_ranks(runs, tmp_path):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=name)
 
 
+# The model of the accumulation test has a sparse MoE block: every expert must take part on every
+# rank (some get no tokens on a rank) for DDP's and FSDP's reductions.
+MOE = {"moe_experts": 4, "moe_every": 2, "moe_top_k": 1}
+
+
 def _accumulation_worker(rank: int, init_file: str, result_file: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     from torch.distributed.fsdp import fully_shard
@@ -121,7 +126,7 @@ def _accumulation_worker(rank: int, init_file: str, result_file: str) -> None:
     for kind in ("ddp", "fsdp"):
         for no_sync in (False, True):
             torch.manual_seed(1)
-            raw = LLaMA(model_config("tiny", max_seq_len=64, num_kv_heads=2))
+            raw = LLaMA(model_config("tiny", max_seq_len=64, num_kv_heads=2, **MOE))
             if kind == "ddp":
                 model = torch.nn.parallel.DistributedDataParallel(raw)
             else:
@@ -155,7 +160,7 @@ def test_grad_accumulation_without_per_micro_batch_reduction_gives_the_same_grad
     results = torch.load(result_file, weights_only=True)
     # Reference: one process, the mean loss of all 4 micro-batches (2 ranks x 2).
     torch.manual_seed(1)
-    model = LLaMA(model_config("tiny", max_seq_len=64, num_kv_heads=2))
+    model = LLaMA(model_config("tiny", max_seq_len=64, num_kv_heads=2, **MOE))
     x = torch.randint(0, 8192, (2, 2, 2, 32), generator=torch.Generator().manual_seed(0))
     sum(model(x[r, m], x[r, m])[1] for r in range(2) for m in range(2)).div(4).backward()
     for name, result in results.items():
