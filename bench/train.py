@@ -136,54 +136,63 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=6144, help="synthetic 16-image sentences (4096 tokens each)")
     parser.add_argument("--world-sizes", default="1,8", help="loader as rank 0 of these numbers of ranks")
     parser.add_argument("--skip-trainer", action="store_true")
+    parser.add_argument("--skip-loader", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-
     with tempfile.TemporaryDirectory() as tmp:
-        data = args.data or str(synthetic_run(Path(tmp) / "data", args.sentences, num_shards=4, row_group_size=256))
+        data = args.data or str(synthetic_run(Path(tmp) / "data", args.sentences if not args.skip_loader else 256,
+                                              num_shards=4, row_group_size=256))
+        if not args.skip_loader:
+            loader_report(args, data)
+        if not args.skip_trainer:
+            trainer_report(args, data, tmp)
 
-        # 1. The loader's share of a realistic step.
-        lconfig = load_train_config(args.loader_config, [f"data.runs=[{data}]"])
-        flops_per_step = _flops_per_token(lconfig) * lconfig.train.batch_size * lconfig.train.grad_accum * lconfig.data.seq_len
-        step_time = args.step_time or flops_per_step / (PEAK_TFLOPS["H100"] * 1e12 * 0.4)
-        device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-        print(f"loader: {Path(args.loader_config).name} batch, {lconfig.train.batch_size} x {lconfig.data.seq_len} "
-              f"tokens x accum {lconfig.train.grad_accum} per rank; stand-in step {step_time * 1000:.0f} ms "
-              f"({'given' if args.step_time else 'FLOPs per step at 40% MFU of an H100'}; a sleep, not a real "
-              f"step: the model does not run); batches on {device_name}, {args.loader_steps} measured steps")
-        for world_size in map(int, args.world_sizes.split(",")):
-            for prefetch in (lconfig.data.prefetch or 4, 0):
-                r = loader_share(lconfig, data, step_time, args.loader_steps, prefetch, world_size)
-                label = f"{world_size} rank(s), " + (f"prefetch {prefetch}" if prefetch else "inline")
-                print(f"  {label:24s} loader wait {r.wait_s * 1000:8.2f} ms/step = {r.wait_s / r.step_s:6.2%} of the "
-                      f"step ({r.step_s * 1000:.0f} ms)")
-        if args.skip_trainer:
-            return
 
-        # 2. The trainer against a plain loop.
-        warmup = max(2, args.steps // 4)
-        overrides = [f"data.runs=[{data}]", f"train.out={tmp}/out", f"train.max_steps={warmup + args.steps}",
-                     f"train.log_every={warmup}", f"train.ckpt_every={10 ** 9}", *args.overrides]
-        config = load_train_config(args.config, overrides)
-        if args.steps % warmup:
-            raise SystemExit(f"--steps must be a multiple of {warmup}")
-        device = torch.device("cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu")
-        # The plain loop runs before and after the trainer: on a shared machine the spread shows the noise.
-        ref_before = reference_loop(config, device, warmup, args.steps)
-        summary = train(config)
-        windows = [r for r in summary["history"] if "tokens_per_s" in r][1:]  # skip warm-up
-        ours = float(np.mean([r["tokens_per_s"] for r in windows]))
-        share = float(np.mean([r["loader_share"] for r in windows]))
-        step_s = float(np.mean([r["step_time_s"] for r in windows]))
-        ref_after = reference_loop(config, device, warmup, args.steps)
-        ref = (ref_before + ref_after) / 2
+def loader_report(args: argparse.Namespace, data: str) -> None:
+    """1. The loader's share of a realistic step."""
+    lconfig = load_train_config(args.loader_config, [f"data.runs=[{data}]"])
+    flops_per_step = _flops_per_token(lconfig) * lconfig.train.batch_size * lconfig.train.grad_accum * lconfig.data.seq_len
+    step_time = args.step_time or flops_per_step / (PEAK_TFLOPS["H100"] * 1e12 * 0.4)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(f"loader: {Path(args.loader_config).name} batch, {lconfig.train.batch_size} x {lconfig.data.seq_len} "
+          f"tokens x accum {lconfig.train.grad_accum} per rank; stand-in step {step_time * 1000:.0f} ms "
+          f"({'given' if args.step_time else 'FLOPs per step at 40% MFU of an H100'}; a sleep, not a real "
+          f"step: the model does not run); batches on {device_name}, {args.loader_steps} measured steps")
+    for world_size in map(int, args.world_sizes.split(",")):
+        for prefetch in (lconfig.data.prefetch or 4, 0):
+            r = loader_share(lconfig, data, step_time, args.loader_steps, prefetch, world_size)
+            label = f"{world_size} rank(s), " + (f"prefetch {prefetch}" if prefetch else "inline")
+            print(f"  {label:24s} loader wait {r.wait_s * 1000:8.2f} ms/step = {r.wait_s / r.step_s:6.2%} of the "
+                  f"step ({r.step_s * 1000:.0f} ms)")
+
+
+def trainer_report(args: argparse.Namespace, data: str, tmp: str) -> None:
+    """2. The trainer against a plain loop: tokens/s, step time, loader share, MFU."""
+    warmup = max(2, args.steps // 4)
+    overrides = [f"data.runs=[{data}]", f"train.out={tmp}/out", f"train.max_steps={warmup + args.steps}",
+                 f"train.log_every={warmup}", f"train.ckpt_every={10 ** 9}", *args.overrides]
+    config = load_train_config(args.config, overrides)
+    if args.steps % warmup:
+        raise SystemExit(f"--steps must be a multiple of {warmup}")
+    device = torch.device("cuda" if config.train.device != "cpu" and torch.cuda.is_available() else "cpu")
+    # The plain loop runs before and after the trainer: on a shared machine the spread shows the noise.
+    ref_before = reference_loop(config, device, warmup, args.steps)
+    summary = train(config)
+    windows = [r for r in summary["history"] if "tokens_per_s" in r][1:]  # skip warm-up
+    ours = float(np.mean([r["tokens_per_s"] for r in windows]))
+    share = float(np.mean([r["loader_share"] for r in windows]))
+    step_s = float(np.mean([r["step_time_s"] for r in windows]))
+    ref_after = reference_loop(config, device, warmup, args.steps)
+    ref = (ref_before + ref_after) / 2
 
     model = LLaMA(config.model)
     flops = model.flops_per_token(config.data.seq_len)
     peak = peak_flops(config.train.peak_tflops, device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"trainer: model {config.size} ({model.num_params() / 1e6:.1f}M params), seq_len {config.data.seq_len}, "
-          f"batch {config.train.batch_size} x accum {config.train.grad_accum}, {name}, {args.steps} measured steps")
+    moe = f", MoE {config.model.moe_experts} experts top-{config.model.moe_top_k}" if config.model.moe_experts else ""
+    print(f"trainer: model {config.size}{moe} ({model.num_params() / 1e6:.2f}M params, "
+          f"{model.num_params(active=True) / 1e6:.2f}M active), seq_len {config.data.seq_len}, batch "
+          f"{config.train.batch_size} x accum {config.train.grad_accum}, {name}, {args.steps} measured steps")
     for label, tps in (("uvd trainer", ours), ("plain loop", ref)):
         mfu = f"{tps * flops / peak:.1%}" if peak else \
             f"n/a ({tps * flops / 1e9:.1f} GFLOP/s; no peak known for this device: --set train.peak_tflops=X)"
