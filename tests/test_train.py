@@ -386,3 +386,10 @@ def test_two_process_cpu_ddp(runs, tmp_path):
     assert log[-1]["tokens"] == 4 * 2 * 2 * 2 * 256  # steps x accum x batch x ranks x seq_len
     assert 0 <= log[-1]["loader_share"] < 1 and log[-1]["step_time_s"] > 0
     load_model(out)
+    # Resume under DDP from the DCP checkpoint (replicated tensors were written once).
+    cmd[cmd.index("train.max_steps=4")] = "train.max_steps=5"
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and "step 4" in proc.stderr
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5] and np.isfinite(log[-1]["loss"])
