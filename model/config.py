@@ -199,8 +199,14 @@ class EvalOptions:
     max_prompts_per_task: int = 20
     num_windows: int = 8  # packed windows for the overall held-out perplexity
     batch_size: int = 4
+    # `uvd ablate`: more variants beside the left-out ones, NAME -> {dotted.key: value} on top of the
+    # config, e.g. {moe: {model.moe_experts: 8}, task_batches: {data.batching: task}}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
+        for name, changes in self.variants.items():
+            if not isinstance(changes, dict) or not all(isinstance(k, str) and "." in k for k in changes):
+                raise ValueError(f"{path}.variants.{name}: expected a mapping of dotted keys to values, got {changes!r}")
         for name in ("max_prompts_per_task", "num_windows", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig
+from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig, train_config_from_dict
 from model.data import PackedLoader, iter_sentences
 from model.llama import LLaMA
 
@@ -132,7 +132,9 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
 
 
 def ablation_variants(config: TrainConfig, leave_out: list[str]) -> dict[str, TrainConfig]:
-    """'all' plus one variant per left-out component (SOURCE or SOURCE/TASK), each in its own folder."""
+    """'all', one variant per left-out component (SOURCE or SOURCE/TASK) and one per entry of
+    `eval.variants` (dotted keys set on top of the config: dense vs MoE, mixed vs task batches),
+    each in its own folder `train.out/NAME`."""
     base = Path(config.train.out)
     variants = {"all": copy.deepcopy(config)}  # copies: the caller's config is left as it was
     for key in leave_out:
@@ -140,6 +142,23 @@ def ablation_variants(config: TrainConfig, leave_out: list[str]) -> dict[str, Tr
         variant.data.mixture = {k: v for k, v in variant.data.mixture.items() if not k.startswith(f"{key}/")}
         variant.data.mixture[key] = 0.0
         variants[f"no_{key.replace('/', '_')}"] = variant
+    for name, changes in config.eval.variants.items():
+        if name in variants:
+            raise ValueError(f"eval.variants.{name}: the name of another variant")
+        data = config.to_dict()
+        data["eval"]["variants"] = {}
+        for key, value in changes.items():
+            *sections, last = key.split(".")
+            node = data
+            for part in sections:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"eval.variants.{name}.{key}: {part} is not a section")
+            node[last] = value
+        try:
+            variants[name] = train_config_from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"eval.variants.{name}: {err}") from err
     for name, variant in variants.items():
         variant.train.out = str(base / name)
     return variants

@@ -16,7 +16,7 @@ from model.hf import export_hf
 from model.llama import LLaMA
 from model.moe import MoE
 from model.train import TaskGradBalance, train
-from test_train import config, runs  # noqa: F401  (the module fixture of synthetic runs)
+from test_train import config, eval_runs, runs  # noqa: F401  (module fixtures of synthetic runs)
 
 
 def moe(num_experts=4, top_k=2, capacity_factor=1.25, routing="token") -> MoE:
@@ -205,3 +205,28 @@ def test_task_gradient_balancing_equalizes_the_tasks_gradient_norms():
     p.grad = torch.full((4,), 0.5)
     again.apply([p], 1)
     assert float(p.grad.norm()) == pytest.approx(5.5)
+
+
+def test_ablate_compares_dense_with_moe_and_mixed_with_task_batches(runs, eval_runs, tmp_path):  # noqa: F811
+    from model.evaluate import ablate, ablation_variants, format_results
+
+    cfg = config(runs, tmp_path / "abl", train={"max_steps": 2, "ckpt_every": 2, "batch_size": 2},
+                 eval={"variants": {"moe": {"model.moe_experts": 4, "model.moe_top_k": 2},
+                                    "task_batches": {"data.batching": "task"}},
+                       "max_prompts_per_task": 1, "num_windows": 2, "batch_size": 2})
+    variants = ablation_variants(cfg, ["video"])
+    assert list(variants) == ["all", "no_video", "moe", "task_batches"]
+    assert variants["moe"].model.moe_experts == 4 and variants["all"].model.moe_experts == 0
+    assert variants["moe"].model.moe_ffn_dim == cfg.model.ffn_dim // 2  # equal active parameters
+    assert variants["task_batches"].data.batching == "task" and variants["moe"].data.batching == "mixed"
+    assert variants["moe"].train.out == str(tmp_path / "abl" / "moe") and not variants["moe"].eval.variants
+    bad = config(runs, tmp_path / "bad", eval={"variants": {"x": {"model.moe_top_k": 5, "model.moe_experts": 4}}})
+    with pytest.raises(ValueError, match="eval.variants.x: model.moe_top_k"):
+        ablation_variants(bad, [])
+    results = ablate(cfg, [], [str(eval_runs)])
+    assert list(results) == ["all", "moe", "task_batches"]
+    for r in results.values():
+        assert set(r["tasks"]) == {"colorization", "video_s10"} and r["heldout"]["seq_len"] == 256
+    assert set(results["task_batches"]["token_shares"]) == {"laion/single", "imagenet_groups/category_k2",
+                                                            "video/video_s10", "video/video_s20"}
+    assert "moe" in format_results(results)

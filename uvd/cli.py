@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ablate = sub.add_parser("ablate", help="train one run per left-out data component and compare evaluations")
     ablate.add_argument("config", help="training config (see recipes/train/)")
-    ablate.add_argument("--leave-out", action="append", required=True, metavar="SOURCE[/TASK]",
+    ablate.add_argument("--leave-out", action="append", default=[], metavar="SOURCE[/TASK]",
                         help="a component to leave out (repeat for more variants)")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ablate.add_argument("--eval-data", nargs="+", help="held-out run folders (default: eval.runs, else data.runs)")
