@@ -106,8 +106,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
         loss = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if h.requires_grad else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if w.requires_grad else None
+        needs_h, needs_w = ctx.needs_input_grad[:2]  # False under no_grad (evaluation): loss only
+        grad_h = torch.empty_like(h) if needs_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs_w else None
         for start in range(0, h.shape[0], chunk):
             hc, tc = h[start : start + chunk], targets[start : start + chunk]
             logits = (hc @ w.T).float()  # (chunk, V)
