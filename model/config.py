@@ -9,6 +9,9 @@ A training config is a YAML file (recipes/train/*.yaml) with the sections `model
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,12 +41,22 @@ class ModelConfig:
     max_seq_len: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
+    # Sparse mixture-of-experts FFN (model/moe.py); 0 experts: every block dense, as the LVM.
+    moe_experts: int = 0
+    moe_top_k: int = 2  # experts per token: 1 (Switch) or 2 (GShard)
+    moe_every: int = 2  # every n-th block (blocks n-1, 2n-1, ...) is sparse
+    moe_ffn_dim: int | None = None  # per expert; None: ffn_dim / top_k, the dense block's active parameters
+    moe_capacity_factor: float = 1.25
+    moe_routing: str = "token"  # token (by content) or attribute (by the token's modality, AG-MoE)
+    moe_aux_weight: float = 0.01  # weight of the load-balancing loss in the training loss
 
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.ffn_dim is None:
             self.ffn_dim = 256 * ((int(8 * self.dim / 3) + 255) // 256)
+        if self.moe_ffn_dim is None and self.moe_experts:
+            self.moe_ffn_dim = max(1, self.ffn_dim // max(1, self.moe_top_k))
 
     def validate(self, path: str) -> None:
         for name in ("dim", "num_layers", "num_heads", "num_kv_heads", "ffn_dim", "max_seq_len"):
@@ -55,6 +68,20 @@ class ModelConfig:
             raise ValueError(f"{path}.num_kv_heads: {self.num_kv_heads} must divide num_heads {self.num_heads}")
         if self.vocab_size <= EOS_ID:
             raise ValueError(f"{path}.vocab_size: must be > {EOS_ID} (visual ids + PAD, BOS, EOS)")
+        if self.moe_experts:
+            if self.moe_experts < 2:
+                raise ValueError(f"{path}.moe_experts: 0 (dense) or >= 2, got {self.moe_experts}")
+            if self.moe_top_k not in (1, 2) or self.moe_top_k > self.moe_experts:
+                raise ValueError(f"{path}.moe_top_k: 1 or 2 (and <= moe_experts), got {self.moe_top_k}")
+            if self.moe_every < 1 or self.moe_every > self.num_layers:
+                raise ValueError(f"{path}.moe_every: between 1 and num_layers {self.num_layers}, got {self.moe_every}")
+            if self.moe_capacity_factor <= 0 or self.moe_ffn_dim <= 0 or self.moe_aux_weight < 0:
+                raise ValueError(f"{path}.moe_capacity_factor/moe_ffn_dim/moe_aux_weight: need > 0, > 0, >= 0")
+            if self.moe_routing not in ("token", "attribute"):
+                raise ValueError(f"{path}.moe_routing: {self.moe_routing!r} is not one of token, attribute")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.moe_experts > 0 and (layer + 1) % self.moe_every == 0
 
     @property
     def head_dim(self) -> int:
@@ -89,12 +116,22 @@ class DataOptions:
     mixture: dict[str, float] = field(default_factory=dict)  # SOURCE or SOURCE/TASK -> weight; 0 leaves it out
     shuffle_buffer: int = 1024  # sentences
     seed: int = 0
+    include_incomplete: bool = False  # also read runs whose manifest status is not `complete` (failed, running)
+    prefetch: int = 4  # batches built ahead by a background thread (0: build on the training thread)
+    batching: str = "mixed"  # mixed (every window mixes by weight) or task (each step one SOURCE/TASK)
+    task_alpha: float = 0.5  # task batching: P(task) proportional to its tokens ^ task_alpha
 
     def validate(self, path: str) -> None:
         if self.seq_len < 2:
             raise ValueError(f"{path}.seq_len: must be >= 2, got {self.seq_len}")
         if self.shuffle_buffer < 1:
             raise ValueError(f"{path}.shuffle_buffer: must be >= 1, got {self.shuffle_buffer}")
+        if self.prefetch < 0:
+            raise ValueError(f"{path}.prefetch: must be >= 0, got {self.prefetch}")
+        if self.batching not in ("mixed", "task"):
+            raise ValueError(f"{path}.batching: {self.batching!r} is not one of mixed, task")
+        if self.task_alpha < 0:
+            raise ValueError(f"{path}.task_alpha: must be >= 0, got {self.task_alpha}")
         for key, weight in self.mixture.items():
             if weight < 0:
                 raise ValueError(f"{path}.mixture.{key}: weights must be >= 0, got {weight}")
@@ -132,14 +169,24 @@ class TrainOptions:
     parallel: str = "ddp"  # under torchrun: ddp or fsdp
     log_every: int = 10
     ckpt_every: int = 500  # steps; a checkpoint is also written at the end
+    eval_every: int = 0  # steps between validation losses on eval.runs (0: off)
+    eval_batches: int = 4  # micro-batches of eval.runs per validation
+    loss_chunk: int = 4096  # tokens per chunk of the fused output layer + cross-entropy (0: full logits)
     keep_checkpoints: int = 2
     tensorboard: bool = False
     peak_tflops: float | None = None  # per device, for MFU; None: known GPUs only
+    task_grad_balance: bool = False  # with data.batching: task, rescale each task's gradient (see README)
 
     def validate(self, path: str) -> None:
-        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_checkpoints",
+                     "eval_batches"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("eval_every", "loss_chunk"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{path}.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            raise ValueError(f"{path}.peak_tflops: must be > 0 (or null), got {self.peak_tflops}")
         for name, choices in (("device", ("auto", "cpu", "cuda")), ("dtype", ("bfloat16", "float32")),
                               ("parallel", ("ddp", "fsdp"))):
             if getattr(self, name) not in choices:
@@ -152,8 +199,14 @@ class EvalOptions:
     max_prompts_per_task: int = 20
     num_windows: int = 8  # packed windows for the overall held-out perplexity
     batch_size: int = 4
+    # `uvd ablate`: more variants beside the left-out ones, NAME -> {dotted.key: value} on top of the
+    # config, e.g. {moe: {model.moe_experts: 8}, task_batches: {data.batching: task}}
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def validate(self, path: str) -> None:
+        for name, changes in self.variants.items():
+            if not isinstance(changes, dict) or not all(isinstance(k, str) and "." in k for k in changes):
+                raise ValueError(f"{path}.variants.{name}: expected a mapping of dotted keys to values, got {changes!r}")
         for name in ("max_prompts_per_task", "num_windows", "batch_size"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{path}.{name}: must be > 0, got {getattr(self, name)}")
@@ -181,6 +234,39 @@ class TrainConfig:
 _SECTIONS = {"data": DataOptions, "optim": OptimOptions, "train": TrainOptions, "eval": EvalOptions}
 
 
+def _float_fields(cls: type) -> set[str]:
+    hints = typing.get_type_hints(cls)
+    return {name for name, hint in hints.items()
+            if hint is float or (typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint))
+            or (typing.get_origin(hint) is list and typing.get_args(hint) == (float,))}
+
+
+def _parse_number(value: Any) -> Any:
+    """'3e-4', '1_000.5', ' 2E3 ' -> float; anything else unchanged (the type check then names the field).
+    YAML 1.1 reads exponents without a dot (3e-4) as strings, and --set values go through YAML."""
+    if isinstance(value, str):
+        try:
+            number = float(value.strip().replace("_", ""))
+        except ValueError:
+            return value
+        return number if math.isfinite(number) else value
+    return value
+
+
+def _numbers_from_strings(cls: type, data: Any) -> Any:
+    """A copy of a section's mapping with the numeric strings of its float fields made floats."""
+    if not isinstance(data, dict):
+        return data
+    fields = _float_fields(cls)
+    out = dict(data)
+    for key in fields & set(out):
+        value = out[key]
+        out[key] = [_parse_number(v) for v in value] if isinstance(value, list) else _parse_number(value)
+    if cls is DataOptions and isinstance(out.get("mixture"), dict):  # weights are floats too
+        out["mixture"] = {k: _parse_number(v) for k, v in out["mixture"].items()}
+    return out
+
+
 def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     """`model: {size: NAME, ...overrides}` plus the sections; ValueError names the bad field."""
     if not isinstance(data, dict):
@@ -196,13 +282,17 @@ def train_config_from_dict(data: dict[str, Any]) -> TrainConfig:
     size = model_data.pop("size", "lvm_300m")
     if size not in MODEL_SIZES:
         raise ValueError(f"model.size: unknown size {size!r}; choose one of {', '.join(MODEL_SIZES)}")
+    model_data = _numbers_from_strings(ModelConfig, model_data)
     overrides = from_mapping(ModelConfig, model_data, "model")  # checks keys and types
     model = model_config(size, **{k: getattr(overrides, k) for k in model_data})
     model.validate("model")
-    sections = {name: from_mapping(cls, data.get(name) or {}, name) for name, cls in _SECTIONS.items()}
+    sections = {name: from_mapping(cls, _numbers_from_strings(cls, data.get(name) or {}), name)
+                for name, cls in _SECTIONS.items()}
     for name, section in sections.items():
         section.validate(name)
     config = TrainConfig(model=model, size=size, **sections)
+    if config.train.task_grad_balance and config.data.batching != "task":
+        raise ValueError("train.task_grad_balance: needs data.batching: task (one task per step)")
     if config.data.seq_len > model.max_seq_len:
         raise ValueError(f"data.seq_len: {config.data.seq_len} is longer than model.max_seq_len {model.max_seq_len}")
     return config

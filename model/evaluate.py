@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig
+from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig, train_config_from_dict
 from model.data import PackedLoader, iter_sentences
 from model.llama import LLaMA
 
@@ -80,7 +80,7 @@ def target_perplexity(model: LLaMA, examples: list[tuple[np.ndarray, np.ndarray]
 def heldout_perplexity(model: LLaMA, runs: list[str | Path], seq_len: int, num_windows: int, batch_size: int = 4) -> float:
     """Perplexity of the first `num_windows` packed windows (natural mix, seed 0) of the held-out runs."""
     device = next(model.parameters()).device
-    loader = PackedLoader(runs, seq_len, batch_size, shuffle_buffer=1, seed=0)
+    loader = PackedLoader(runs, seq_len, batch_size, shuffle_buffer=1, seed=0, include_incomplete=True)
     losses = []
     for _ in range(math.ceil(num_windows / batch_size)):
         x, y = loader.next_batch()
@@ -88,6 +88,17 @@ def heldout_perplexity(model: LLaMA, runs: list[str | Path], seq_len: int, num_w
             _, loss = model(x.to(device), y.to(device))
         losses.append(loss.item())
     return math.exp(sum(losses) / len(losses))
+
+
+def heldout_seq_len(model: LLaMA) -> int:
+    """The window length a model was trained at (`load_model` reads it from the checkpoint), so
+    `uvd eval` and the eval after `uvd train` score the same windows; else max_seq_len, with a warning."""
+    seq_len = getattr(model, "trained_seq_len", None)
+    if seq_len:
+        return int(seq_len)
+    logger.warning("the model's training seq_len is unknown (no trainer.json or config.yaml saying it): "
+                   "scoring held-out windows at max_seq_len %d", model.config.max_seq_len)
+    return model.config.max_seq_len
 
 
 def evaluate(model: LLaMA, runs: list[str | Path], max_prompts_per_task: int = 20, num_windows: int = 8,
@@ -98,7 +109,7 @@ def evaluate(model: LLaMA, runs: list[str | Path], max_prompts_per_task: int = 2
     for task, examples in sorted(eval_examples(runs, max_prompts_per_task).items()):
         tasks[task] = {"kind": task_kind(task), "prompts": len(examples),
                        "perplexity": target_perplexity(model, examples, batch_size)}
-    seq_len = seq_len or min(4096, model.config.max_seq_len)
+    seq_len = seq_len or heldout_seq_len(model)
     heldout = {"windows": num_windows, "seq_len": seq_len,
                "perplexity": heldout_perplexity(model, runs, seq_len, num_windows, batch_size)}
     model.train(was_training)
@@ -121,21 +132,42 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
 
 
 def ablation_variants(config: TrainConfig, leave_out: list[str]) -> dict[str, TrainConfig]:
-    """'all' plus one variant per left-out component (SOURCE or SOURCE/TASK), each in its own folder."""
-    variants = {"all": config}
+    """'all', one variant per left-out component (SOURCE or SOURCE/TASK) and one per entry of
+    `eval.variants` (dotted keys set on top of the config: dense vs MoE, mixed vs task batches),
+    each in its own folder `train.out/NAME`."""
+    base = Path(config.train.out)
+    variants = {"all": copy.deepcopy(config)}  # copies: the caller's config is left as it was
     for key in leave_out:
         variant = copy.deepcopy(config)
         variant.data.mixture = {k: v for k, v in variant.data.mixture.items() if not k.startswith(f"{key}/")}
         variant.data.mixture[key] = 0.0
         variants[f"no_{key.replace('/', '_')}"] = variant
+    for name, changes in config.eval.variants.items():
+        if name in variants:
+            raise ValueError(f"eval.variants.{name}: the name of another variant")
+        data = config.to_dict()
+        data["eval"]["variants"] = {}
+        for key, value in changes.items():
+            *sections, last = key.split(".")
+            node = data
+            for part in sections:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"eval.variants.{name}.{key}: {part} is not a section")
+            node[last] = value
+        try:
+            variants[name] = train_config_from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"eval.variants.{name}: {err}") from err
     for name, variant in variants.items():
-        variant.train.out = str(Path(config.train.out) / name)
+        variant.train.out = str(base / name)
     return variants
 
 
 def ablate(config: TrainConfig, leave_out: list[str], eval_runs: list[str] | None = None) -> dict[str, Any]:
     """Train one run per variant, everything else equal, and evaluate each on the same held-out runs."""
-    from model.train import load_model, train
+    from model.checkpoint import load_model
+    from model.train import train
 
     eval_runs = eval_runs or config.eval.runs or config.data.runs
     results = {}
@@ -144,6 +176,6 @@ def ablate(config: TrainConfig, leave_out: list[str], eval_runs: list[str] | Non
         summary = train(variant)
         model = load_model(variant.train.out)
         results[name] = evaluate(model, eval_runs, config.eval.max_prompts_per_task, config.eval.num_windows,
-                                 config.eval.batch_size, min(config.data.seq_len, 4096))
+                                 config.eval.batch_size, variant.data.seq_len)
         results[name]["token_shares"] = summary["token_shares"]
     return results

@@ -56,9 +56,13 @@ def hf_config(config: ModelConfig) -> dict:
 def export_hf(model: LLaMA | str | Path, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` (HF names) for a model or a checkpoint/training folder."""
     if not isinstance(model, LLaMA):
-        from model.train import load_model
+        from model.checkpoint import load_model
 
         model = load_model(model)
+    if model.config.moe_experts:
+        raise ValueError("model.moe_experts: LlamaForCausalLM has no mixture-of-experts layers (and Mixtral's layout "
+                         "has no dense blocks between sparse ones, nor attribute routing); keep the checkpoint's "
+                         "model.safetensors and load it with model.checkpoint.load_model")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {to_hf_name(k): v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}

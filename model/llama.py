@@ -14,7 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.config import ModelConfig
+from model.config import NUM_VISUAL_TOKENS, VOCAB_SIZE, ModelConfig
+from model.moe import MoE, token_attributes
 
 
 class RMSNorm(nn.Module):
@@ -90,11 +91,63 @@ class Attention(nn.Module):
             if start > 0:  # new queries see the whole cache and, among themselves, the past
                 causal = False
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
-        if self.num_kv_heads != self.num_heads:
-            k = k.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-            v = v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1)
+        # Grouped-query attention inside SDPA: no repeated copies of k and v.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and T > 1,
+                                           enable_gqa=self.num_kv_heads != self.num_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Sum of cross-entropy(h @ w.T, targets) over tokens, `chunk` tokens at a time, with the
+    gradients computed in the same pass (as Liger's fused linear cross-entropy): no (N, V) logits
+    tensor is kept, only one (chunk, V) block at a time. Targets equal to -100 are ignored.
+    h (N, D) and w (V, D) are used in their own dtype; softmax and the loss are float32."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        loss = torch.zeros((), dtype=torch.float32, device=h.device)
+        needs_h, needs_w = ctx.needs_input_grad[:2]  # False under no_grad (evaluation): loss only
+        grad_h = torch.empty_like(h) if needs_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if needs_w else None
+        for start in range(0, h.shape[0], chunk):
+            hc, tc = h[start : start + chunk], targets[start : start + chunk]
+            logits = (hc @ w.T).float()  # (chunk, V)
+            valid = tc != -100
+            safe = torch.where(valid, tc, 0)
+            lse = torch.logsumexp(logits, dim=-1)
+            loss += ((lse - logits.gather(1, safe[:, None])[:, 0]) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            grad_logits = torch.softmax(logits, dim=-1)  # d(sum of losses) / d logits
+            grad_logits[torch.arange(len(tc), device=tc.device), safe] -= 1.0
+            grad_logits = (grad_logits * valid[:, None]).to(h.dtype)
+            if grad_h is not None:
+                grad_h[start : start + chunk] = grad_logits @ w
+            if grad_w is not None:
+                grad_w += (grad_logits.T @ hc).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        grad_h = grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None
+        grad_w = (grad_w * grad_loss).to(ctx.w_dtype) if grad_w is not None else None
+        return grad_h, grad_w, None, None
+
+
+def chunked_cross_entropy(h: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Mean cross-entropy of the logits h @ w.T (h (..., D), w (V, D)) over targets (...) != -100,
+    without the full logits tensor. Under autocast h and w are cast to its dtype first, as nn.Linear would."""
+    device_type = h.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        h, w = h.to(dtype), w.to(dtype)
+    h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
+    with torch.autocast(device_type, enabled=False):
+        total = LinearCrossEntropy.apply(h, w, targets, chunk)
+    return total / (targets != -100).sum()
 
 
 class MLP(nn.Module):
@@ -114,11 +167,16 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.self_attn = Attention(config, layer)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = MoE(config.dim, config.moe_ffn_dim, config.moe_experts, config.moe_top_k,
+                       config.moe_capacity_factor, config.moe_routing) if config.is_moe_layer(layer) else MLP(config)
 
-    def forward(self, x, cos, sin, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, cache: KVCache | None = None, attributes: torch.Tensor | None = None):
+        """-> (x, the MoE load-balancing loss, or None for a dense block)."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if isinstance(self.mlp, MoE):
+            y, aux = self.mlp(self.post_attention_layernorm(x), attributes)
+            return x + y, aux
+        return x + self.mlp(self.post_attention_layernorm(x)), None
 
 
 class LLaMA(nn.Module):
@@ -133,6 +191,7 @@ class LLaMA(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
+        self.loss_chunk = 4096  # tokens per block of the fused output layer + loss; 0: full logits
         self.apply(self._init_weights)
         # GPT-2 / nanoGPT: residual projections scaled by 1/sqrt(2 * layers)
         for name, p in self.named_parameters():
@@ -144,17 +203,24 @@ class LLaMA(nn.Module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, embeddings: bool = True) -> int:
+    def num_params(self, embeddings: bool = True, active: bool = False) -> int:
+        """Parameters; `active`: those one token uses (top_k of each MoE layer's experts)."""
         n = sum(p.numel() for p in self.parameters())
+        if active:
+            for block in self.layers:
+                if isinstance(block.mlp, MoE):
+                    per_expert = sum(p.numel() for p in block.mlp.experts[0].parameters())
+                    n -= (block.mlp.num_experts - block.mlp.top_k) * per_expert
         return n if embeddings else n - self.embed_tokens.weight.numel()
 
     def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token (forward + backward): 6 N + attention (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6 N (active parameters) + attention (PaLM appendix B)."""
         c = self.config
-        return 6 * self.num_params(embeddings=False) + 12 * c.num_layers * c.dim * seq_len
+        return 6 * self.num_params(embeddings=False, active=True) + 12 * c.num_layers * c.dim * seq_len
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
-        """idx (B, T) ids -> logits (B, T, V) and, with targets (B, T) (-100 ignored), the mean loss."""
+        """idx (B, T) ids -> (logits (B, T, V), None); with targets (B, T) (-100 ignored): (None, mean loss),
+        computed `loss_chunk` tokens at a time without the logits (or (logits, loss) when loss_chunk is 0)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.max_seq_len:
@@ -162,17 +228,29 @@ class LLaMA(nn.Module):
         x = self.embed_tokens(idx)
         cos = self.rope_cos[start : start + T].to(x.dtype)
         sin = self.rope_sin[start : start + T].to(x.dtype)
+        attributes = token_attributes(idx, NUM_VISUAL_TOKENS, VOCAB_SIZE - NUM_VISUAL_TOKENS) \
+            if self.config.moe_experts and self.config.moe_routing == "attribute" else None
+        aux = []
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, block_aux = checkpoint(block, x, cos, sin, None, attributes, use_reentrant=False)
             else:
-                x = block(x, cos, sin, cache)
+                x, block_aux = block(x, cos, sin, cache, attributes)
+            if block_aux is not None:
+                aux.append(block_aux)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        x = self.norm(x)
+        logits = None
+        if targets is not None and self.loss_chunk > 0:
+            loss = chunked_cross_entropy(x, self.lm_head.weight, targets, self.loss_chunk)
+        else:
+            logits = self.lm_head(x)
+            loss = None
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        if loss is not None and aux and self.training:  # the training loss; eval reports cross-entropy alone
+            loss = loss + self.config.moe_aux_weight * torch.stack(aux).mean()
         return logits, loss
 
     @torch.no_grad()
@@ -180,7 +258,7 @@ class LLaMA(nn.Module):
                  top_p: float | None = None, allowed: int | None = None, generator: torch.Generator | None = None):
         """Sample `num_tokens` after `prompt` (B, T) with a KV cache; `allowed`: sample only ids < allowed."""
         B, T = prompt.shape
-        cache = KVCache(self.config, B, T + num_tokens, prompt.device, self.embed_tokens.weight.dtype)
+        cache = KVCache(self.config, B, T + max(0, num_tokens - 1), prompt.device, self.embed_tokens.weight.dtype)
         logits, _ = self(prompt, cache=cache)
         out = []
         for i in range(num_tokens):

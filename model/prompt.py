@@ -19,9 +19,9 @@ import torch
 from PIL import Image, ImageDraw
 
 from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
-from model.data import iter_sentences
+from model.data import discover_runs, iter_sentences
 from model.llama import LLaMA
-from uvd.manifest import find_runs, load_run_tokenizer, recipe_tokenizer_section
+from uvd.manifest import load_run_tokenizer, recipe_tokenizer_section
 from uvd.registry import get_tokenizer_stage, register_trainer_demo
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,12 @@ def find_sentence(runs: list[str | Path], task: str | None, index: int, min_imag
     raise ValueError(f"--task {task}: found {seen} sentence(s) with >= {min_images} images, need index {index}")
 
 
+def prompt_positions(num_context: int, num_generate: int) -> int:
+    """Positions the model sees: [BOS] + the context images + every generated token but the last,
+    which is sampled and never fed back: (num_context + num_generate) x 256."""
+    return 1 + num_context * TOKENS_PER_IMAGE + num_generate * TOKENS_PER_IMAGE - 1
+
+
 def generate_images(model: LLaMA, context: np.ndarray, num_images: int, temperature: float = 1.0,
                     top_k: int | None = None, top_p: float | None = None, seed: int = 0) -> np.ndarray:
     """context: visual ids of whole images -> (num_images, 256) sampled visual ids."""
@@ -51,7 +57,7 @@ def generate_images(model: LLaMA, context: np.ndarray, num_images: int, temperat
 
 def run_decoder(runs: list[str | Path], config: str | None = None, weights: str | None = None) -> Any:
     """The tokenizer that made the first run's shards, or the one `config`/`weights` name (on CPU)."""
-    run = next((r for root in runs for r in find_runs(Path(root))), None)
+    run = next(iter(discover_runs(runs, include_incomplete=True, field_name="--data")), None)
     if config is None and weights is None:
         if run is None:
             raise ValueError(f"no UVD run under {[str(r) for r in runs]}")
@@ -93,9 +99,10 @@ def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "a
         num_generate = 1
     else:
         num_context = num_context or 15
-    max_images = model.config.max_seq_len // TOKENS_PER_IMAGE
-    if num_context + num_generate > max_images or (num_context + num_generate) * TOKENS_PER_IMAGE + 1 > model.config.max_seq_len:
-        raise ValueError(f"prompt of {num_context} + {num_generate} images does not fit max_seq_len {model.config.max_seq_len}")
+    if prompt_positions(num_context, num_generate) > model.config.max_seq_len:
+        raise ValueError(f"prompt of {num_context} + {num_generate} images needs "
+                         f"{prompt_positions(num_context, num_generate)} positions, more than max_seq_len "
+                         f"{model.config.max_seq_len}")
     found_task, tokens = find_sentence(runs, task, index, num_context)
     context = tokens[: num_context * TOKENS_PER_IMAGE]
     truth = tokens[num_context * TOKENS_PER_IMAGE : (num_context + num_generate) * TOKENS_PER_IMAGE]
@@ -118,7 +125,8 @@ def demo_lvm(runs: str | Path, out: str | Path, max_steps: int = 300, task: str 
     2 CPU cores), then one analogy prompt (5 pairs + a query; category groups hold same-class
     pairs) written as `out/analogy.png`. Resumes if `out/lvm` already holds checkpoints."""
     from model.config import load_train_config
-    from model.train import load_model, train
+    from model.checkpoint import load_model
+    from model.train import train
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "train" / "tiny.yaml"
     out = Path(out)

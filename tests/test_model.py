@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from model.config import (BOS_ID, EOS_ID, MODEL_SIZES, PAD_ID, VOCAB_SIZE, ModelConfig, load_train_config,
                           model_config, train_config_from_dict)
@@ -37,8 +38,10 @@ def test_lvm_sizes_have_the_published_parameter_counts():
 def test_forward_backward_shapes_and_grads():
     model = tiny()
     idx = torch.randint(0, VOCAB_SIZE, (2, 64))
-    logits, loss = model(idx, idx)
+    logits, _ = model(idx)
     assert logits.shape == (2, 64, VOCAB_SIZE)
+    no_logits, loss = model(idx, idx)
+    assert no_logits is None  # training never builds the (B, T, V) logits
     assert abs(loss.item() - torch.log(torch.tensor(float(VOCAB_SIZE))).item()) < 0.5  # ~uniform at init
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
@@ -55,6 +58,85 @@ def test_activation_checkpointing_gives_the_same_gradients():
         model(idx, idx)[1].backward()
         grads.append(model.layers[0].self_attn.q_proj.weight.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("chunk", [3, 64, 10_000])
+def test_chunked_cross_entropy_equals_the_full_one(chunk):
+    """Loss and gradients (of every parameter) of the fused, chunked output layer + loss equal
+    those of full float32 logits and F.cross_entropy, with ignored targets."""
+    idx = torch.randint(0, VOCAB_SIZE, (2, 40))
+    targets = torch.randint(0, VOCAB_SIZE, (2, 40))
+    targets[0, :9] = -100
+    results = []
+    for loss_chunk in (0, chunk):
+        model = tiny()
+        model.loss_chunk = loss_chunk
+        logits, loss = model(idx, targets)
+        assert (logits is None) == (loss_chunk > 0)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (full, full_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, full, atol=1e-6, rtol=1e-6)
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name], full_grads[name], atol=1e-7, rtol=1e-5, msg=name)
+
+
+def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_the_full_one():
+    from model.llama import chunked_cross_entropy
+
+    h = torch.randn(64, 32, requires_grad=True)
+    w = (torch.randn(500, 32) * 0.1).requires_grad_()
+    t = torch.randint(0, 500, (64,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, t, 16)
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-4)
+    (gh, gw) = torch.autograd.grad(loss, (h, w))
+    (rh, rw) = torch.autograd.grad(ref, (h, w))
+    assert gw.dtype == w.dtype  # the float32 master weight gets a float32 gradient
+    torch.testing.assert_close(gh, rh, atol=2e-3, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-3, rtol=2e-2)
+
+
+def test_grouped_query_attention_equals_the_repeated_heads_reference():
+    """SDPA's own GQA (enable_gqa) against k, v repeated per query head, with and without a cache."""
+    from model.llama import apply_rope
+
+    model = tiny(num_kv_heads=2).eval()
+    attn = model.layers[0].self_attn
+    assert attn.num_heads == 4 and attn.num_kv_heads == 2
+    x = torch.randn(2, 24, 64)
+    cos, sin = model.rope_cos[:24], model.rope_sin[:24]
+    B, T = 2, 24
+    q = apply_rope(attn.q_proj(x).view(B, T, 4, 16).transpose(1, 2), cos, sin)
+    k = apply_rope(attn.k_proj(x).view(B, T, 2, 16).transpose(1, 2), cos, sin)
+    v = attn.v_proj(x).view(B, T, 2, 16).transpose(1, 2)
+    k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)  # query heads 0,1 share kv head 0
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    ref = attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), ref, atol=1e-5, rtol=1e-5)
+        from model.llama import KVCache
+
+        cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
+        parts = [attn(x[:, :20], cos[:20], sin[:20], cache)]
+        cache.pos = 20
+        parts.append(attn(x[:, 20:], cos[20:], sin[20:], cache))
+        torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_prompt_length_guard_counts_the_positions_the_model_sees():
+    from model.prompt import prompt, prompt_positions
+
+    assert prompt_positions(15, 1) == 4096  # the default sequential prompt fits the LVM's 4096
+    assert prompt_positions(2 * 7 + 1, 1) == 4096  # analogy --context 7
+    model = LLaMA(model_config("tiny", max_seq_len=4096))
+    with pytest.raises(ValueError, match="max_seq_len 4096"):  # refused before any data is read
+        prompt(model, [], "unused.png", mode="sequential", num_context=16)
+    with pytest.raises(ValueError, match="max_seq_len 4096"):
+        prompt(model, [], "unused.png", mode="analogy", num_context=8)
+    # That what it admits really runs (15 frames + 1 at 4096) is tests/test_train.py's CLI test.
 
 
 def test_kv_cache_matches_the_full_forward():
@@ -92,6 +174,22 @@ def test_sampling_filters():
     draws = {sample(logits, 1.0, top_p=0.5, generator=g).item() for _ in range(200)}
     assert draws == {4}  # the top id alone holds more than half the mass
     assert {sample(logits, 1.0, allowed=3, generator=g).item() for _ in range(200)} <= {0, 1, 2}
+
+
+def test_train_config_accepts_numbers_as_users_type_them(tmp_path):
+    """YAML 1.1 reads 3e-4 (no dot) as a string; float fields take numeric strings."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "train" / "tiny.yaml"
+    config = load_train_config(recipe, ["optim.lr=3e-4", "optim.end_lr=1E-5", "optim.betas=[0.9, 95e-2]",
+                                        "model.rope_theta=1e4", "data.mixture={laion: 5e-1}", "optim.grad_clip=1"])
+    assert config.optim.lr == 3e-4 and config.optim.end_lr == 1e-5 and config.optim.betas == [0.9, 0.95]
+    assert config.model.rope_theta == 1e4 and config.data.mixture == {"laion": 0.5} and config.optim.grad_clip == 1.0
+    path = tmp_path / "t.yaml"
+    path.write_text(recipe.read_text().replace("lr: 3.0e-3", "lr: 3e-3"))
+    assert load_train_config(path).optim.lr == 3e-3
+    with pytest.raises(ValueError, match="optim.lr: expected a number"):
+        load_train_config(recipe, ["optim.lr=fast"])
+    with pytest.raises(ValueError, match="train.batch_size: expected an integer"):
+        load_train_config(recipe, ["train.batch_size=8e0"])  # integer fields stay integers
 
 
 def test_train_config_errors_name_the_field():

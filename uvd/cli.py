@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
 
     ablate = sub.add_parser("ablate", help="train one run per left-out data component and compare evaluations")
     ablate.add_argument("config", help="training config (see recipes/train/)")
-    ablate.add_argument("--leave-out", action="append", required=True, metavar="SOURCE[/TASK]",
+    ablate.add_argument("--leave-out", action="append", default=[], metavar="SOURCE[/TASK]",
                         help="a component to leave out (repeat for more variants)")
     ablate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ablate.add_argument("--eval-data", nargs="+", help="held-out run folders (default: eval.runs, else data.runs)")
@@ -273,7 +273,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from model.evaluate import evaluate, format_results
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model = load_model(args.model, _device(args.device))
     results = evaluate(model, args.data, args.max_prompts, args.windows, args.batch_size)
@@ -283,7 +283,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_prompt(args: argparse.Namespace) -> int:
     from model.prompt import prompt
-    from model.train import load_model
+    from model.checkpoint import load_model
 
     model = load_model(args.model, _device(args.device))
     result = prompt(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
