@@ -32,7 +32,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    from uvd.demo_world import build_demo_world
+    from demo.world import build_demo_world
 
     root = tmp_path_factory.mktemp("world")
     return build_demo_world(root, seed=0, small=True)

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from uvd.demo_world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
+from demo.world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
 
 REASONS = {
     "download_failed", "empty_file", "not_an_image", "truncated_image",

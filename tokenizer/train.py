@@ -25,12 +25,13 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from tokenizer.checkpoints import load_tokenizer
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
-from tokenizer.vqgan import VQGAN, build_vqgan, load_tokenizer, resolve_config, save_tokenizer
+from tokenizer.vqgan import VQGAN, build_vqgan, resolve_config, save_tokenizer
+from uvd.config import from_mapping, load_yaml_config, resolve_config_path
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -83,54 +84,38 @@ class TokenizerTrainConfig:
         return dataclasses.asdict(self)
 
 
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TokenizerTrainConfig:
-    """Read a tokenizer training recipe (recipes/tokenizer/*.yaml) with `--set key=value` overrides."""
-    from uvd.recipe import apply_override, from_mapping
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"tokenizer recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    for override in overrides:
-        apply_override(data, override)
-    known = {f.name for f in dataclasses.fields(TokenizerTrainConfig)}
-    for key in data:
-        if key not in known:
-            raise ValueError(f"{path}: {key}: unknown key; expected one of {', '.join(sorted(known))}")
-    for key in ("data", "out"):
-        if key not in data:
-            raise ValueError(f"{path}: {key}: required")
-    if not isinstance(data["data"], list) or not data["data"]:
-        raise ValueError(f"{path}: data: expected a non-empty list of {{recipe, inputs}}")
-    entries = [from_mapping(DataEntry, e, f"{path}: data[{i}]") for i, e in enumerate(data["data"])]
-    train = from_mapping(TrainOptions, data.get("train") or {}, f"{path}: train")
-    cfg = TokenizerTrainConfig(
-        data=entries, out=str(data["out"]), model=data.get("model", "small"), init=data.get("init"),
-        seed=int(data.get("seed", 0)), holdout_share=float(data.get("holdout_share", 0.1)), train=train,
-    )
-    resolve_config(cfg.model)  # a bad preset or field fails here, naming it
+def train_config_from_dict(data: dict[str, Any]) -> TokenizerTrainConfig:
+    """Build and check a tokenizer training recipe; a bad field raises ValueError naming it."""
+    if "data" in data and (not isinstance(data["data"], list) or not data["data"]):
+        raise ValueError("data: expected a non-empty list of {recipe, inputs}")
+    cfg = from_mapping(TokenizerTrainConfig, data, "")
+    for i, entry in enumerate(cfg.data):
+        if not resolve_config_path(entry.recipe).is_file():
+            raise ValueError(f"data[{i}].recipe: {entry.recipe} not found (a dataset recipe such as recipes/laion.yaml)")
+    try:
+        resolve_config(cfg.model)  # a bad preset or field fails here, naming it
+    except ValueError as err:
+        raise ValueError(f"model: {err}") from None
     t = cfg.train
     if t.crop_size % 16 or not 16 <= t.crop_size <= 256:
-        raise ValueError(f"{path}: train.crop_size: must be a multiple of 16 in [16, 256], got {t.crop_size}")
+        raise ValueError(f"train.crop_size: must be a multiple of 16 in [16, 256], got {t.crop_size}")
     if t.gan_loss not in ("hinge", "non_saturating"):
-        raise ValueError(f"{path}: train.gan_loss: {t.gan_loss!r} is not one of hinge, non_saturating")
+        raise ValueError(f"train.gan_loss: {t.gan_loss!r} is not one of hinge, non_saturating")
     if t.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"{path}: train.dtype: {t.dtype!r} is not one of float32, bfloat16")
+        raise ValueError(f"train.dtype: {t.dtype!r} is not one of float32, bfloat16")
     if t.perceptual_weight > 0 and not t.perceptual_weights:
-        raise ValueError(f"{path}: train.perceptual_weight > 0 needs train.perceptual_weights (an LPIPS-VGG16 weights file)")
+        raise ValueError("train.perceptual_weight > 0 needs train.perceptual_weights (an LPIPS-VGG16 weights file)")
     if not 0.0 <= cfg.holdout_share < 1.0:
-        raise ValueError(f"{path}: holdout_share: must be in [0, 1), got {cfg.holdout_share}")
+        raise ValueError(f"holdout_share: must be in [0, 1), got {cfg.holdout_share}")
     return cfg
 
 
+def load_train_config(path: str | Path, overrides: list[str] = ()) -> TokenizerTrainConfig:
+    """Read a tokenizer training recipe (recipes/tokenizer/*.yaml) with `--set key=value` overrides."""
+    return load_yaml_config(path, overrides, train_config_from_dict, what="tokenizer recipe")
+
+
 # ---------------------------------------------------------------- images
-
-
-def _resolve_recipe_path(recipe: str) -> Path:
-    path = Path(recipe)
-    if not path.is_file() and (REPO_ROOT / recipe).is_file():
-        path = REPO_ROOT / recipe
-    return path
 
 
 def is_held_out(key: str, share: float) -> bool:
@@ -155,7 +140,7 @@ class SourceImages:
             overrides = list(entry.overrides)
             if entry.inputs is not None:
                 overrides.append(f"inputs={json.dumps(entry.inputs)}")
-            recipe = load_recipe(_resolve_recipe_path(entry.recipe), overrides)
+            recipe = load_recipe(entry.recipe, overrides)
             source = get_source(recipe.source)(recipe)
             self.units += [(source, recipe, unit) for unit in source.list_units()]
         self.rejected: dict[str, int] = {}

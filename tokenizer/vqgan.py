@@ -2,8 +2,8 @@
 
 Plain PyTorch with the taming / open-muse `VQGANModel` parameter names (`encoder.down.0.block.0.conv1`,
 `quantize.embedding`, ...) so released LVM tokenizer weights load by name. Weights travel as a
-directory with `config.json` + `model.safetensors` (`save_tokenizer` / `load_tokenizer`); `load_tokenizer`
-also reads open-muse and diffusers checkpoint folders (tokenizer/checkpoints.py).
+directory with `config.json` + `model.safetensors` (`save_tokenizer` here; `load_tokenizer` in
+tokenizer/checkpoints.py, which also reads open-muse and diffusers checkpoint folders).
 """
 
 from __future__ import annotations
@@ -351,14 +351,3 @@ def load_state_dict_strict(model: VQGAN, state: dict[str, torch.Tensor]) -> VQGA
     state = {k: v.to(expected[k].dtype) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model
-
-
-def load_tokenizer(path_dir: str | Path) -> tuple[VQGAN, VQGANConfig]:
-    """Read a tokenizer folder -> (model on CPU in eval mode, config).
-
-    The folder may be in our layout (`save_tokenizer`), open-muse's `VQGANModel` layout or diffusers'
-    `VQModel` layout (detected from its files; see tokenizer/checkpoints.py). Loading is exact."""
-    from tokenizer.checkpoints import load_checkpoint
-
-    model, cfg, _ = load_checkpoint(path_dir)
-    return model, cfg

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from demo.world import _available_photos, _load_photo, _prepare_root
+from pipelines import pairing as P
+from pipelines import render
 from uvd import records as R
-from uvd.demo_world import _available_photos, _load_photo, _prepare_root
 
 WIDTH, HEIGHT = 192, 144
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 2, "name": "ball"}, {"id": 3, "name": "box"}]
@@ -114,26 +116,26 @@ def build_coco_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
                        "keypoints": [round(v, 1) for v in kp.reshape(-1).tolist()], "num_keypoints": 17, "iscrowd": 0})
         key = f"val/{name}"
         if i == missing:
-            _reject(manifest, "missing_image", key)
+            _reject(manifest, P.MISSING_IMAGE, key)
             manifest["items"] += 1
             continue
         (root / key).write_bytes(_jpeg(pixels))
         manifest["items"] += 4
         if i == broken:
-            for task, reason in (("detection", "bad_box"), ("pose", "bad_keypoints"), ("segmentation", "missing_annotation")):
+            for task, reason in (("detection", render.BAD_BOX), ("pose", render.BAD_KEYPOINTS), ("segmentation", P.MISSING_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
             _reject(manifest, "unpaired", key)
             continue
         (root / "labels/val" / f"{i:06d}.png").write_bytes(_png(labels))
         manifest["images"] += 4
     instances.append({"id": len(instances) + 1, "image_id": 999, "category_id": 2, "bbox": [1, 1, 5, 5], "area": 25.0, "iscrowd": 0})
-    _reject(manifest, "missing_image", f"annotations/instances_val.json#{len(instances)}")
+    _reject(manifest, P.MISSING_IMAGE, f"annotations/instances_val.json#{len(instances)}")
     manifest["items"] += 1
     coco = {"info": {"description": "UVD demo"}, "images": images, "categories": CATEGORIES}
     (root / "annotations/instances_val.json").write_text(json.dumps({**coco, "annotations": instances}))
     (root / "annotations/person_keypoints_val.json").write_text(json.dumps({**coco, "annotations": people}))
     (root / "annotations/instances_train.json").write_text('{"images": [{"id": 1, "file_name": "0.jpg"}], "annotations": [')
-    _reject(manifest, "bad_json", "annotations/instances_train.json")
+    _reject(manifest, P.BAD_JSON, "annotations/instances_train.json")
     manifest["items"] += 1
     manifest["pairs"] = {"detection": num_images, "pose": num_images, "segmentation": num_images}
     manifest["tuples"] = num_images
@@ -178,7 +180,7 @@ def build_dense_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         if i == num_images:
             np.save(root / "normals" / f"{stem}.npy", normals[:60].astype(np.float32))
             (root / "edges" / f"{stem}.png").write_bytes(b"<html>not an edge map</html>")
-            for task, reason in (("depth", "missing_annotation"), ("normals", "mismatched_annotation"), ("edges", "bad_annotation")):
+            for task, reason in (("depth", P.MISSING_ANNOTATION), ("normals", render.MISMATCHED_ANNOTATION), ("edges", render.BAD_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
             _reject(manifest, "unpaired", key)
             continue
@@ -191,7 +193,7 @@ def build_dense_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         (root / "edges" / f"{stem}.png").write_bytes(_png(cv2.Canny(pixels, 80, 160)))
         manifest["images"] += 4
     (root / "depth" / "000099.png").write_bytes(_png(np.full((120, 160), 3000, np.uint16)))
-    _reject(manifest, "missing_image", f"{root.name}/depth/000099.png")
+    _reject(manifest, P.MISSING_IMAGE, f"{root.name}/depth/000099.png")
     manifest["items"] += 1
     manifest["pairs"] = {"depth": num_images, "normals": num_images, "edges": num_images}
     return manifest
@@ -225,9 +227,9 @@ def build_paired_world(root: Path, num_pairs: int = 16, seed: int = 0) -> dict:
         if extra != 0:
             (root / "target" / name).write_bytes(b"<html>404</html>" if extra == 2 else _png(clean))
         if extra == 0:
-            _reject(manifest, "missing_annotation", f"{root.name}/input/{name}")
+            _reject(manifest, P.MISSING_ANNOTATION, f"{root.name}/input/{name}")
         elif extra == 1:
-            _reject(manifest, "missing_image", f"{root.name}/target/{name}")
+            _reject(manifest, P.MISSING_IMAGE, f"{root.name}/target/{name}")
         elif extra == 2:
             _reject(manifest, R.NOT_AN_IMAGE, f"{root.name}/target/{name}")
             _reject(manifest, "unpaired", f"{root.name}/input/{name}")
