@@ -124,7 +124,7 @@ def build_coco_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         if i == broken:
             for task, reason in (("detection", render.BAD_BOX), ("pose", render.BAD_KEYPOINTS), ("segmentation", P.MISSING_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.UNPAIRED, key)
             continue
         (root / "labels/val" / f"{i:06d}.png").write_bytes(_png(labels))
         manifest["images"] += 4
@@ -182,7 +182,7 @@ def build_dense_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
             (root / "edges" / f"{stem}.png").write_bytes(b"<html>not an edge map</html>")
             for task, reason in (("depth", P.MISSING_ANNOTATION), ("normals", render.MISMATCHED_ANNOTATION), ("edges", render.BAD_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.UNPAIRED, key)
             continue
         if i % 2:
             np.save(root / "depth" / f"{stem}.npy", depth.astype(np.float32))
@@ -232,7 +232,7 @@ def build_paired_world(root: Path, num_pairs: int = 16, seed: int = 0) -> dict:
             _reject(manifest, P.MISSING_IMAGE, f"{root.name}/target/{name}")
         elif extra == 2:
             _reject(manifest, R.NOT_AN_IMAGE, f"{root.name}/target/{name}")
-            _reject(manifest, "unpaired", f"{root.name}/input/{name}")
+            _reject(manifest, P.UNPAIRED, f"{root.name}/input/{name}")
         manifest["items"] += 2 if extra < 0 or extra == 2 else 1
         manifest["images"] += 2 if extra < 0 else 0
     manifest["pairs"] = {"denoising": num_pairs}
