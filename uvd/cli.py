@@ -5,7 +5,7 @@
     uvd validate [CONFIG ...]
     uvd demo [--out DIR] [--small] [--no-train]
     uvd audit DIR [--target MIX.yaml] [--out report.html] [--json]
-    uvd push RUN REPO_ID [--private] [--revision BRANCH]
+    uvd push RUN REPO_ID [--private] [--message TEXT]
     uvd train CONFIG [--set key=value ...]
     uvd ablate CONFIG --leave-out SOURCE [...] [--set ...] [--eval-data RUN ...]
     uvd eval MODEL --data RUN [...] [--json]
@@ -74,7 +74,6 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("run", help="a run folder whose status is complete")
     push.add_argument("repo_id", help="dataset repo, e.g. me/uvd-laion (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo private")
-    push.add_argument("--revision", help="branch to commit to (default: main)")
     push.add_argument("--message", help="commit message")
 
     train = sub.add_parser("train", help="train the LVM on token shards (model/; torchrun for DDP/FSDP)")
@@ -257,7 +256,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from uvd.push import push_run
 
-    url = push_run(args.run, args.repo_id, private=args.private, revision=args.revision, message=args.message)
+    url = push_run(args.run, args.repo_id, private=args.private, message=args.message)
     print(f"{args.run} -> {url}")
     return 0
 
