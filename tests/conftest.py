@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded Ray for the whole session, the sample world built once."""
+"""Shared fixtures: one embedded Ray for the whole session, the sample world built once; every
+test runs in a scratch folder, so a default output (`out/<source>`, `audit.html`) never lands in the repo."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,15 @@ TEST_OVERRIDES = [
     "output.sentences_per_shard=16",
     "limits.max_reject_rate=0.5",  # the small sample world is 40% deliberately broken inputs
 ]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_cwd(tmp_path_factory):
+    """The session's working folder: hermetic tests whatever the repo's out/ holds (paths to the repo are absolute)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
 
 
 @pytest.fixture(scope="session")
