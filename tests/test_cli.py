@@ -198,3 +198,14 @@ def test_two_node_cluster_gives_the_same_sentences(ray_local, world, tmp_path):
     assert got.keys() == expected.keys()
     assert all(got[i]["tokens"] == expected[i]["tokens"] for i in got)
     assert pq.read_table(cluster / "_rejects.parquet").num_rows == pq.read_table(embedded / "_rejects.parquet").num_rows
+
+
+def test_missing_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
+    """`uvd stats` reaching a run whose listed shard is gone: exit 2 naming the file."""
+    run = _tiny_run(tmp_path / "elsewhere" / "laion")
+    (run / "laion-00000.parquet").unlink()
+    assert main(["stats", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "FileNotFoundError" in err and "laion-00000.parquet" in err and "Traceback" not in err
+    with pytest.raises(FileNotFoundError):
+        main(["-v", "stats", str(tmp_path)])  # -v shows the traceback

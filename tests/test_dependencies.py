@@ -196,3 +196,20 @@ def test_pyproject_packages_cover_every_package_folder():
     assert tool["package-dir"]["uvd.recipes"] == "recipes"
     config_folders = {f"uvd.recipes.{p.name}" for p in (ROOT / "recipes").iterdir() if p.is_dir()}
     assert config_folders | {"uvd.recipes"} <= listed
+
+
+def test_another_package_adds_a_source_through_an_entry_point(tmp_path):
+    """A package installed beside UVD declares `sources = "toy_sources"` in the group uvd.plugins;
+    its source is found by name, beside UVD's own, without anyone importing it."""
+    site = tmp_path / "site"
+    (site / "toy_uvd-0.1.dist-info").mkdir(parents=True)
+    (site / "toy_uvd-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: toy-uvd\nVersion: 0.1\n")
+    (site / "toy_uvd-0.1.dist-info" / "entry_points.txt").write_text("[uvd.plugins]\nsources = toy_sources\n")
+    (site / "toy_sources.py").write_text(
+        "from uvd.registry import register_source\n\n@register_source\nclass ToySource:\n    name = 'toy'\n")
+    code = ("from uvd import registry\nassert 'toy_sources' in registry.plugin_targets('sources')\n"
+            "assert registry.get_source('toy').__module__ == 'toy_sources'\n"
+            "assert registry.get_source('laion').__module__ == 'pipelines.laion'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={"PYTHONPATH": f"{ROOT}:{site}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         if args.verbose:
             raise
-        print(f"uvd {args.command}: error: {err.strerror or err}: {err.filename or ''} (-v shows where)", file=sys.stderr)
+        what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else f"{type(err).__name__}: {err}"
+        print(f"uvd {args.command}: error: {what} (-v shows where)", file=sys.stderr)
         return 2
     except JobFailed as err:
         print(f"uvd {args.command}: job failed: {err}", file=sys.stderr)

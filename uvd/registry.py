@@ -44,12 +44,14 @@ def _load(target: str) -> Any:
 
 
 def plugin_targets(name: str) -> list[str]:
-    """Every provider of `name`: the built-in one, then those of installed entry points."""
+    """Every provider of `name`: the built-in one, then those other installed packages declare.
+    UVD's own entry points are skipped: `PLUGINS` is current even when the installed metadata is stale."""
     if name not in PLUGINS:
         raise KeyError(f"unknown plug-in {name!r}; known: {', '.join(PLUGINS)}")
     targets = [PLUGINS[name]]
     for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP, name=name):
-        if entry.value not in targets:
+        own = entry.dist is not None and entry.dist.name == "uvd"
+        if not own and entry.value not in targets:
             targets.append(entry.value)
     return targets
 
