@@ -266,3 +266,16 @@ def test_demo_imports_reject_codes_instead_of_spelling_them():
             if isinstance(node, ast.Constant) and node.value in codes:
                 spelled.append(f"{path.name}:{node.lineno} {node.value!r} (use {codes[node.value]})")
     assert spelled == []
+
+
+def test_demo_runs_every_shipped_recipe_with_the_bundled_tokenizer():
+    from demo.run import DEMO_JOBS, demo_overrides
+    from uvd.config import recipes_dir
+
+    assert sorted(name for name, _ in DEMO_JOBS) == sorted(p.name for p in recipes_dir().glob("*.yaml"))
+    weights = next(o for o in demo_overrides(small=False) if o.startswith("tokenizer.weights="))
+    from pathlib import Path
+
+    folder = Path(weights.split("=", 1)[1])
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert "limits.max_reject_rate=0.5" in demo_overrides(small=True)
