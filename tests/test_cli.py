@@ -209,3 +209,15 @@ def test_missing_file_is_a_clear_error_not_a_traceback(tmp_path, capsys):
     assert "FileNotFoundError" in err and "laion-00000.parquet" in err and "Traceback" not in err
     with pytest.raises(FileNotFoundError):
         main(["-v", "stats", str(tmp_path)])  # -v shows the traceback
+
+
+def test_eval_uses_the_trained_window_length(tmp_path):
+    from uvd.cli import trained_seq_len
+
+    out = tmp_path / "train"
+    ckpt = out / "checkpoints" / "step_0000004"
+    ckpt.mkdir(parents=True)
+    assert trained_seq_len(out) is None
+    (out / "config.yaml").write_text("data: {seq_len: 1024, runs: [x]}\ntrain: {out: x}\n")
+    assert trained_seq_len(out) == 1024 and trained_seq_len(ckpt) == 1024  # the folder or one of its checkpoints
+    assert trained_seq_len(tmp_path / "elsewhere") is None

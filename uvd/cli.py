@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-prompts", type=int, default=20, help="prompts per task")
     evaluate.add_argument("--windows", type=int, default=8, help="packed windows for the held-out perplexity")
     evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--seq-len", type=int,
+                          help="window length for the held-out perplexity (default: the data.seq_len the model was trained at)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
 
@@ -328,9 +330,26 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_seq_len(model_path: str | Path) -> int | None:
+    """data.seq_len of the run that trained `model_path` (a training folder, or one of its checkpoints),
+    from the training folder's config.yaml; None when there is none."""
+    from uvd.config import read_yaml
+
+    path = Path(model_path)
+    for folder in (path, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            data = read_yaml(folder / "config.yaml", "training config") or {}
+            seq_len = (data.get("data") or {}).get("seq_len") if isinstance(data, dict) else None
+            return int(seq_len) if isinstance(seq_len, int) else None
+    return None
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ValueError("--seq-len must be > 0")
     model = plugin("load_model")(args.model, _device(args.device))
-    results = plugin("evaluate")(model, args.data, args.max_prompts, args.windows, args.batch_size)
+    seq_len = args.seq_len or trained_seq_len(args.model)  # not 4096 for a model trained on 1024-token windows
+    results = plugin("evaluate")(model, args.data, args.max_prompts, args.windows, args.batch_size, seq_len)
     print(json.dumps(results, indent=2) if args.json else plugin("format_eval")({Path(args.model).name: results}))
     return 0
 
