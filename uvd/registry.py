@@ -20,7 +20,7 @@ PLUGINS: dict[str, str] = {
     "run_tokenizer": "tokenizer.runs:load_run_tokenizer",  # run folder -> the tokenizer that made its shards
     "demo_tokenizer": "tokenizer.checkpoints:demo_weights_dir",  # -> the bundled demo tokenizer's folder
     "tokenizer_convert": "tokenizer.checkpoints:convert",
-    "tokenizer_train_config": "tokenizer.train:load_train_config",
+    "tokenizer_train_config": "tokenizer.train_config:load_train_config",
     "tokenizer_train": "tokenizer.train:train",
     "view": "tokenizer.view:view",
     "train_config": "model.config:load_train_config",
