@@ -115,4 +115,6 @@ def test_view_wrong_targets_are_clear_errors(run_dir, tmp_path, capsys):
     (tmp_path / "fake.parquet").write_text("not parquet")
     assert main(["view", str(tmp_path / "fake.parquet"), "--out", out]) == 2
     assert "not a Parquet file" in capsys.readouterr().err
+    assert main(["view", str(run_dir), "--out", out]) == 2
+    assert "is a folder; give one token shard" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()

@@ -139,6 +139,8 @@ def view_image(image_path: str | Path, out: str | Path, weights: str | None = No
 def view(target: str | Path, out: str | Path, row: int | None = None, sentence_id: str | None = None,
          weights: str | None = None, config: str | None = None) -> str:
     """`uvd view`: a shard (.parquet) -> one sentence's contact sheet; anything else -> an image's reconstruction."""
+    if Path(target).is_dir():
+        raise ValueError(f"{target} is a folder; give one token shard (.parquet) of a run, or one image file")
     suffixes = "".join(Path(target).suffixes[-2:]).lower()
     if suffixes.endswith((".tar", ".tar.gz", ".tgz")):
         raise ValueError(f"{target}: a tar shard holds input images, not tokens; give a token shard (.parquet) of "
