@@ -221,3 +221,16 @@ def test_eval_uses_the_trained_window_length(tmp_path):
     (out / "config.yaml").write_text("data: {seq_len: 1024, runs: [x]}\ntrain: {out: x}\n")
     assert trained_seq_len(out) == 1024 and trained_seq_len(ckpt) == 1024  # the folder or one of its checkpoints
     assert trained_seq_len(tmp_path / "elsewhere") is None
+
+
+def test_a_run_that_fails_at_once_leaves_no_empty_out(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = tmp_path / "new" / "laion"
+    assert main(["run", str(ROOT / "recipes/laion.yaml"), "--set", f"inputs={empty}", "--out", str(out), "--quiet"]) == 2
+    assert "holds no input" in capsys.readouterr().err
+    assert not out.exists() and not out.parent.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()  # a folder the user made is theirs: left in place
+    assert main(["run", str(ROOT / "recipes/laion.yaml"), "--set", f"inputs={empty}", "--out", str(kept), "--quiet"]) == 2
+    assert kept.is_dir()

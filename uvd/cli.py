@@ -172,7 +172,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"limits.max_items={args.limit}")
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out or f"out/{recipe.source}")
-    summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
+    try:
+        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    except BaseException:
+        for folder in new_folders:  # a run that failed before writing anything leaves no empty --out behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     if summary.already_complete:
         print(f"{out}: already complete ({summary.sentences:,} sentences); --overwrite to redo it")
     else:
