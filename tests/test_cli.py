@@ -234,3 +234,15 @@ def test_a_run_that_fails_at_once_leaves_no_empty_out(tmp_path, capsys):
     kept.mkdir()  # a folder the user made is theirs: left in place
     assert main(["run", str(ROOT / "recipes/laion.yaml"), "--set", f"inputs={empty}", "--out", str(kept), "--quiet"]) == 2
     assert kept.is_dir()
+
+
+def test_config_kind_by_folder_then_by_keys(tmp_path):
+    from uvd.cli import config_kind
+
+    (tmp_path / "recipes" / "train").mkdir(parents=True)
+    assert config_kind(tmp_path / "recipes" / "train" / "x.yaml", {"source": "laion"}) == "training config"
+    assert config_kind(tmp_path / "train" / "x.yaml", {"model": "tiny"}) == "training config"  # not under recipes/: keys
+    assert config_kind(tmp_path / "x.yaml", {"source": "laion", "inputs": "x"}) == "recipe"
+    assert config_kind(tmp_path / "x.yaml", {"tolerance": 0.1, "tasks": {"single": 1}}) == "target mix"
+    assert config_kind(tmp_path / "x.yaml", {"data": [], "out": "o", "model": "small"}) == "tokenizer training recipe"
+    assert config_kind(tmp_path / "x.yaml", ["a"]) == "recipe"

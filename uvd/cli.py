@@ -13,8 +13,8 @@
     uvd tokenizer convert|train ...;  uvd view SHARD|IMAGE --out PNG
 
 Plug-ins (`pipelines/`, `tokenizer/`, `model/`, `demo/`) are found through `uvd.registry.plugin`
-and imported only by the commands that use them: `--help`, `stats`, `validate` of dataset
-recipes and `audit --json` never import torch.
+and imported only by the commands that use them: `--help`, `stats`, `audit --json` and
+`validate` of dataset recipes, mixes and tokenizer recipes never import torch.
 """
 from __future__ import annotations
 
@@ -204,10 +204,11 @@ CONFIG_KINDS = {"train": "training config", "tokenizer": "tokenizer training rec
 
 
 def config_kind(path: Path, data: object) -> str:
-    """Which schema a YAML file follows: its folder under recipes/ (train/, tokenizer/, mixes/) says so;
-    elsewhere its keys do. -> recipe | training config | tokenizer training recipe | target mix."""
+    """Which schema a YAML file follows: its folder under a recipes/ folder (train/, tokenizer/, mixes/)
+    says so; elsewhere its keys do. -> recipe | training config | tokenizer training recipe | target mix."""
     folder = path.resolve().parent
-    if folder.parent == recipes_dir().resolve() and folder.name in CONFIG_KINDS:
+    under_recipes = folder.parent.name == "recipes" or folder.parent == recipes_dir().resolve()
+    if under_recipes and folder.name in CONFIG_KINDS:
         return CONFIG_KINDS[folder.name]
     keys = set(data) if isinstance(data, dict) else set()
     if "source" in keys:
