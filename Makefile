@@ -36,4 +36,4 @@ bench: setup
 	$(PY) bench/ingest.py
 
 clean:
-	rm -rf $(VENV) demo_out out .pytest_cache
+	rm -rf $(VENV) demo_out out build .pytest_cache

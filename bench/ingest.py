@@ -19,7 +19,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 
 import pipelines  # noqa: E402,F401
 from pipelines.laion import LaionSource  # noqa: E402
-from uvd.demo_world import build_laion_world  # noqa: E402
+from demo.world import build_laion_world  # noqa: E402
 from uvd.images import ImageRejected, decode_image  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import compare, local_ray, print_comparison, ray_stage  # noqa: E402

@@ -20,7 +20,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 
 import pipelines  # noqa: E402,F401
 from pipelines.objaverse import ObjaverseSource  # noqa: E402
-from uvd.demo_world_media import build_mesh_world  # noqa: E402
+from demo.world_media import build_mesh_world  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import compare, local_ray, print_comparison, ray_stage  # noqa: E402
 

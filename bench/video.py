@@ -19,7 +19,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 
 import pipelines  # noqa: E402,F401
 from pipelines.video import VideoSource, plan_windows  # noqa: E402
-from uvd.demo_world_media import write_video  # noqa: E402
+from demo.world_media import write_video  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import compare, local_ray, plain_run, print_comparison, ray_stage  # noqa: E402
 

@@ -21,7 +21,8 @@ from PIL import Image, ImageDraw
 from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
 from model.data import discover_runs, iter_sentences
 from model.llama import LLaMA
-from uvd.manifest import load_run_tokenizer, recipe_tokenizer_section
+from tokenizer.runs import load_run_tokenizer
+from uvd.manifest import recipe_tokenizer_section
 from uvd.registry import get_tokenizer_stage, register_trainer_demo
 
 logger = logging.getLogger(__name__)

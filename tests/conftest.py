@@ -1,4 +1,5 @@
-"""Shared fixtures: one embedded Ray for the whole session, the sample world built once."""
+"""Shared fixtures: one embedded Ray for the whole session, the sample world built once; every
+test runs in a scratch folder, so a default output (`out/<source>`, `audit.html`) never lands in the repo."""
 from __future__ import annotations
 
 import os
@@ -19,6 +20,15 @@ TEST_OVERRIDES = [
 ]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def scratch_cwd(tmp_path_factory):
+    """The session's working folder: hermetic tests whatever the repo's out/ holds (paths to the repo are absolute)."""
+    old = os.getcwd()
+    os.chdir(tmp_path_factory.mktemp("cwd"))
+    yield
+    os.chdir(old)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     import logging
@@ -32,7 +42,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    from uvd.demo_world import build_demo_world
+    from demo.world import build_demo_world
 
     root = tmp_path_factory.mktemp("world")
     return build_demo_world(root, seed=0, small=True)

@@ -27,7 +27,7 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
-    from uvd.demo_world_annotated import build_annotated_world
+    from demo.world_annotated import build_annotated_world
 
     return build_annotated_world(tmp_path_factory.mktemp("annotated") / "world", seed=0)
 

@@ -21,7 +21,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from uvd.demo_world_media import build_annotated_video_world
+    from demo.world_media import build_annotated_video_world
 
     return build_annotated_video_world(tmp_path_factory.mktemp("annotated_video") / "world", seed=0)
 

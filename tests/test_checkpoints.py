@@ -18,7 +18,8 @@ from tokenizer.checkpoints import (
     save_checkpoint_dir,
 )
 from tokenizer.encode import ImageTokenizer
-from tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, load_tokenizer, weights_sha256
+from tokenizer.checkpoints import load_tokenizer
+from tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, weights_sha256
 
 # The released LVM tokenizer's open-muse config.json, and aMUSEd's vqvae/config.json (the same weights).
 LVM_OPEN_MUSE = {

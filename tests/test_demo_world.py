@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from uvd.demo_world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
+from demo.world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
 
 REASONS = {
     "download_failed", "empty_file", "not_an_image", "truncated_image",
@@ -236,3 +236,47 @@ def test_bad_arguments_raise_value_error(tmp_path):
     (tmp_path / "used" / "x").write_text("x")
     with pytest.raises(ValueError, match="not empty"):
         build_laion_world(tmp_path / "used")
+
+
+def _reason_codes() -> dict[str, str]:
+    """Every reject reason the project declares as a constant: value -> where."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    codes = {}
+    for path in [root / "uvd" / "records.py", *sorted((root / "pipelines").glob("*.py"))]:
+        for node in ast.parse(path.read_text()).body:
+            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                    and node.targets[0].id.isupper() and isinstance(node.value, ast.Constant)
+                    and isinstance(node.value.value, str) and re.fullmatch(r"[a-z]+(_[a-z]+)+", node.value.value)):
+                codes[node.value.value] = f"{path.stem}.{node.targets[0].id}"
+    return codes
+
+
+def test_demo_imports_reject_codes_instead_of_spelling_them():
+    """The sample world names each planted failure by the pipelines' own constant, so a renamed code cannot drift."""
+    import ast
+    from pathlib import Path
+
+    codes = _reason_codes()
+    assert {"corrupt_video", "broken_mesh", "bad_box", "missing_image", "download_failed"} <= set(codes)
+    spelled = []
+    for path in sorted((Path(__file__).resolve().parents[1] / "demo").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and node.value in codes:
+                spelled.append(f"{path.name}:{node.lineno} {node.value!r} (use {codes[node.value]})")
+    assert spelled == []
+
+
+def test_demo_runs_every_shipped_recipe_with_the_bundled_tokenizer():
+    from demo.run import DEMO_JOBS, demo_overrides
+    from uvd.config import recipes_dir
+
+    assert sorted(name for name, _ in DEMO_JOBS) == sorted(p.name for p in recipes_dir().glob("*.yaml"))
+    weights = next(o for o in demo_overrides(small=False) if o.startswith("tokenizer.weights="))
+    from pathlib import Path
+
+    folder = Path(weights.split("=", 1)[1])
+    assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
+    assert "limits.max_reject_rate=0.5" in demo_overrides(small=True)

@@ -26,7 +26,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 @pytest.fixture(scope="module")
 def meshes(tmp_path_factory):
-    from uvd.demo_world_media import build_mesh_world
+    from demo.world_media import build_mesh_world
 
     return build_mesh_world(tmp_path_factory.mktemp("meshes") / "world", seed=0)
 

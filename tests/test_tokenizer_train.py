@@ -10,9 +10,10 @@ import yaml
 import pipelines  # noqa: F401  (registers the sources)
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
 from tokenizer.train import is_held_out, load_train_config, restart_dead_codes
-from tokenizer.vqgan import build_vqgan, load_tokenizer
+from tokenizer.checkpoints import load_tokenizer
+from tokenizer.vqgan import build_vqgan
 from uvd.cli import main
-from uvd.demo_world_annotated import build_photo_folder
+from demo.world_annotated import build_photo_folder
 
 
 @pytest.fixture(scope="module")

@@ -18,13 +18,13 @@ from uvd.runner import run_recipe
 from plain_run import run_plain
 
 RECIPES = Path(__file__).parents[1] / "recipes"
-# Sentences the default recipe makes of the world's good clips (see uvd/demo_world_media.py).
+# Sentences the default recipe makes of the world's good clips (see demo/world_media.py).
 EXPECTED_TASKS = {"video_s10": 3 + 2 + 1, "video_s20": 1 + 1, "video_s30": 1}
 
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    from uvd.demo_world_media import build_video_world
+    from demo.world_media import build_video_world
 
     return build_video_world(tmp_path_factory.mktemp("videos") / "world", seed=0)
 

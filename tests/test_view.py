@@ -92,3 +92,29 @@ def test_stats_codebook(run_dir, capsys):
     assert "codebook" not in compute_stats(run_dir.parent)
     assert main(["stats", str(run_dir.parent), "--codebook", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["codebook"]["used_codes"] == stats["codebook"]["used_codes"]
+
+
+def test_view_wrong_targets_are_clear_errors(run_dir, tmp_path, capsys):
+    """A missing file, an input tar and the rejects file are named for what they are (exit 2, no traceback)."""
+    import pyarrow.parquet as pq
+
+    from uvd.records import Reject
+    from uvd.shards import rejects_table
+
+    out = str(tmp_path / "x.png")
+    assert main(["view", str(tmp_path / "missing.parquet"), "--out", out]) == 2
+    assert "missing.parquet: no such file" in capsys.readouterr().err
+    (tmp_path / "00000.tar").write_bytes(b"\0" * 1024)
+    assert main(["view", str(tmp_path / "00000.tar"), "--out", out]) == 2
+    assert "a tar shard holds input images, not tokens" in capsys.readouterr().err
+    rejects = tmp_path / "_rejects.parquet"
+    pq.write_table(rejects_table([Reject("k", "corrupt_image", "bad", "00000.tar")]), rejects)
+    assert main(["view", str(rejects), "--out", out]) == 2
+    err = capsys.readouterr().err
+    assert "the run's rejects" in err and "tokens" in err
+    (tmp_path / "fake.parquet").write_text("not parquet")
+    assert main(["view", str(tmp_path / "fake.parquet"), "--out", out]) == 2
+    assert "not a Parquet file" in capsys.readouterr().err
+    assert main(["view", str(run_dir), "--out", out]) == 2
+    assert "is a folder; give one token shard" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()

@@ -11,10 +11,14 @@ Loading is exact: the config comes from the file, features we do not implement a
 naming the key, and every tensor must map one to one with the right shape.
 
     uvd tokenizer convert SRC DST      # any layout -> uvd layout
+
+`load_tokenizer` is the one entry point the stage, training and `uvd view` use; the bundled
+demo tokenizer is package data (`demo_weights_dir`), so an installed wheel carries it too.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import pickle
 import re
@@ -289,3 +293,14 @@ def convert(src: str | Path, dst: str | Path) -> tuple[str, VQGANConfig]:
     model, cfg, layout = load_checkpoint(src)
     save_checkpoint_dir(model, dst, "uvd")
     return layout, cfg
+
+
+def load_tokenizer(path_dir: str | Path) -> tuple[VQGAN, VQGANConfig]:
+    """Read a tokenizer folder in any of the three layouts -> (model on CPU in eval mode, config)."""
+    model, cfg, _ = load_checkpoint(path_dir)
+    return model, cfg
+
+
+def demo_weights_dir() -> Path:
+    """The bundled demo tokenizer (`small` preset trained on the demo world): tokenizer/weights/demo-small."""
+    return Path(str(importlib.resources.files("tokenizer").joinpath("weights", "demo-small")))

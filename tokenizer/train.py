@@ -10,13 +10,11 @@ optional LPIPS perceptual loss (user weights), dead-code restarts. Writes `OUT/c
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,112 +23,17 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from tokenizer.checkpoints import load_tokenizer
 from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
-from tokenizer.vqgan import VQGAN, build_vqgan, load_tokenizer, resolve_config, save_tokenizer
+from tokenizer.train_config import DataEntry, TokenizerTrainConfig, TrainOptions, load_train_config  # noqa: F401  (re-exported)
+from tokenizer.vqgan import VQGAN, build_vqgan, resolve_config, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-@dataclass
-class DataEntry:
-    recipe: str  # a UVD dataset recipe (recipes/*.yaml): its source, image and filter options are used
-    inputs: Any = None  # overrides the recipe's inputs (a path, glob or list)
-    overrides: list[str] = field(default_factory=list)  # more `key=value` overrides for that recipe
-
-
-@dataclass
-class TrainOptions:
-    steps: int = 1000
-    batch_size: int = 8  # per process
-    crop_size: int = 256  # random crops of the 256x256 images (a multiple of 16; smaller is faster)
-    lr: float = 2e-4
-    disc_lr: float = 2e-4
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # taming's Adam betas
-    grad_clip: float = 1.0
-    codebook_weight: float = 1.0
-    gan_start: int = 500  # the discriminator (and the generator's GAN loss) start at this step
-    gan_weight: float = 0.1
-    gan_loss: str = "hinge"  # or non_saturating
-    disc_channels: int = 64
-    disc_layers: int = 3
-    perceptual_weight: float = 0.0  # > 0 needs perceptual_weights
-    perceptual_weights: str | None = None  # LPIPS-VGG16 weights file (see tokenizer/losses.py)
-    restart_every: int = 50  # steps between dead-code restarts (0: off)
-    restart_below: int = 1  # a code used fewer times than this since the last restart is dead
-    checkpoint_every: int = 200
-    log_every: int = 20
-    resume: bool = True  # continue from OUT/checkpoint.pt when it exists
-    device: str = "auto"
-    dtype: str = "float32"  # bfloat16: autocast on GPU
-    num_threads: int | None = None
-    cache_images: bool = True  # keep decoded 256x256 training images in memory (small datasets)
-
-
-@dataclass
-class TokenizerTrainConfig:
-    data: list[DataEntry]
-    out: str
-    model: Any = "small"  # preset name or a dict of VQGANConfig fields
-    init: str | None = None  # start from these tokenizer weights (any layout load_tokenizer reads)
-    seed: int = 0
-    holdout_share: float = 0.1  # images held out of training (chosen by a hash of their key), for evaluation
-    train: TrainOptions = field(default_factory=TrainOptions)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def load_train_config(path: str | Path, overrides: list[str] = ()) -> TokenizerTrainConfig:
-    """Read a tokenizer training recipe (recipes/tokenizer/*.yaml) with `--set key=value` overrides."""
-    from uvd.recipe import apply_override, from_mapping
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"tokenizer recipe not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    for override in overrides:
-        apply_override(data, override)
-    known = {f.name for f in dataclasses.fields(TokenizerTrainConfig)}
-    for key in data:
-        if key not in known:
-            raise ValueError(f"{path}: {key}: unknown key; expected one of {', '.join(sorted(known))}")
-    for key in ("data", "out"):
-        if key not in data:
-            raise ValueError(f"{path}: {key}: required")
-    if not isinstance(data["data"], list) or not data["data"]:
-        raise ValueError(f"{path}: data: expected a non-empty list of {{recipe, inputs}}")
-    entries = [from_mapping(DataEntry, e, f"{path}: data[{i}]") for i, e in enumerate(data["data"])]
-    train = from_mapping(TrainOptions, data.get("train") or {}, f"{path}: train")
-    cfg = TokenizerTrainConfig(
-        data=entries, out=str(data["out"]), model=data.get("model", "small"), init=data.get("init"),
-        seed=int(data.get("seed", 0)), holdout_share=float(data.get("holdout_share", 0.1)), train=train,
-    )
-    resolve_config(cfg.model)  # a bad preset or field fails here, naming it
-    t = cfg.train
-    if t.crop_size % 16 or not 16 <= t.crop_size <= 256:
-        raise ValueError(f"{path}: train.crop_size: must be a multiple of 16 in [16, 256], got {t.crop_size}")
-    if t.gan_loss not in ("hinge", "non_saturating"):
-        raise ValueError(f"{path}: train.gan_loss: {t.gan_loss!r} is not one of hinge, non_saturating")
-    if t.dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"{path}: train.dtype: {t.dtype!r} is not one of float32, bfloat16")
-    if t.perceptual_weight > 0 and not t.perceptual_weights:
-        raise ValueError(f"{path}: train.perceptual_weight > 0 needs train.perceptual_weights (an LPIPS-VGG16 weights file)")
-    if not 0.0 <= cfg.holdout_share < 1.0:
-        raise ValueError(f"{path}: holdout_share: must be in [0, 1), got {cfg.holdout_share}")
-    return cfg
-
-
 # ---------------------------------------------------------------- images
-
-
-def _resolve_recipe_path(recipe: str) -> Path:
-    path = Path(recipe)
-    if not path.is_file() and (REPO_ROOT / recipe).is_file():
-        path = REPO_ROOT / recipe
-    return path
 
 
 def is_held_out(key: str, share: float) -> bool:
@@ -155,7 +58,7 @@ class SourceImages:
             overrides = list(entry.overrides)
             if entry.inputs is not None:
                 overrides.append(f"inputs={json.dumps(entry.inputs)}")
-            recipe = load_recipe(_resolve_recipe_path(entry.recipe), overrides)
+            recipe = load_recipe(entry.recipe, overrides)
             source = get_source(recipe.source)(recipe)
             self.units += [(source, recipe, unit) for unit in source.list_units()]
         self.rejected: dict[str, int] = {}

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-DEMO_WEIGHTS = Path(__file__).resolve().parent / "weights" / "demo-small"
+from tokenizer.checkpoints import demo_weights_dir
+
 LABEL_HEIGHT = 30
 MAX_COLUMNS = 8
 
@@ -59,20 +60,43 @@ def _select_row(table, path: Path, row: int | None, sentence_id: str | None) -> 
 
 
 def _run_tokenizer(shard: Path):
-    """The tokenizer that wrote the shard, from its run's manifest and recipe."""
+    """The tokenizer that wrote the shard, from its run's manifest and recipe (found in the
+    shard's folder or a folder above it, so a run may keep its shards in a subfolder)."""
+    from tokenizer.runs import load_run_tokenizer
     from uvd import manifest as M
 
-    if M.read_manifest(shard.parent) is None:
-        raise ValueError(f"{shard.parent} has no run manifest naming its tokenizer; give --weights")
-    return M.load_run_tokenizer(shard.parent)
+    for folder in list(shard.resolve().parents)[:3]:
+        if M.read_manifest(folder) is not None:
+            return load_run_tokenizer(folder)
+    raise ValueError(f"{shard.parent} has no run manifest naming its tokenizer; give --weights")
+
+
+SHARD_COLUMNS = ["id", "source", "task", "num_images", "tokens", "images"]
+
+
+def _read_shard(shard: Path):
+    """A token shard's table; anything else is a clear error naming what it is."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not shard.is_file():
+        raise ValueError(f"{shard}: no such file")
+    try:
+        schema = pq.read_schema(shard)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"{shard}: not a Parquet file ({err})") from None
+    missing = [c for c in SHARD_COLUMNS if c not in schema.names]
+    if missing:
+        what = "the run's rejects (no tokens to decode; read it with any Parquet reader)" if "reason" in schema.names \
+            else "not a UVD token shard"
+        raise ValueError(f"{shard}: {what}: it has no {', '.join(missing)} column(s)")
+    return pq.read_table(shard, columns=SHARD_COLUMNS)
 
 
 def view_shard(shard: str | Path, out: str | Path, row: int | None = None, sentence_id: str | None = None,
                weights: str | None = None) -> str:
-    import pyarrow.parquet as pq
-
     shard = Path(shard)
-    table = pq.read_table(shard, columns=["id", "source", "task", "num_images", "tokens", "images"])
+    table = _read_shard(shard)
     sentence = _select_row(table, shard, row, sentence_id)
     tokenizer = _stage()(None, weights=weights, device="cpu") if weights else _run_tokenizer(shard)
     per_image = tokenizer.config.tokens_per_image
@@ -94,8 +118,8 @@ def view_image(image_path: str | Path, out: str | Path, weights: str | None = No
     path = Path(image_path)
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    if weights is None and config is None and (DEMO_WEIGHTS / "config.json").is_file():
-        weights = str(DEMO_WEIGHTS)
+    if weights is None and config is None and (demo_weights_dir() / "config.json").is_file():
+        weights = str(demo_weights_dir())
     stage = _stage()
     tokenizer = stage(None, weights=weights, device="cpu") if weights else stage(config or "small", device="cpu")
     size = tokenizer.config.resolution
@@ -115,6 +139,12 @@ def view_image(image_path: str | Path, out: str | Path, weights: str | None = No
 def view(target: str | Path, out: str | Path, row: int | None = None, sentence_id: str | None = None,
          weights: str | None = None, config: str | None = None) -> str:
     """`uvd view`: a shard (.parquet) -> one sentence's contact sheet; anything else -> an image's reconstruction."""
+    if Path(target).is_dir():
+        raise ValueError(f"{target} is a folder; give one token shard (.parquet) of a run, or one image file")
+    suffixes = "".join(Path(target).suffixes[-2:]).lower()
+    if suffixes.endswith((".tar", ".tar.gz", ".tgz")):
+        raise ValueError(f"{target}: a tar shard holds input images, not tokens; give a token shard (.parquet) of "
+                         "a run, or one image file to see its reconstruction")
     if Path(target).suffix == ".parquet":
         if config is not None:
             raise ValueError("--config is for images; a shard is decoded with its run's tokenizer or --weights")

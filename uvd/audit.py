@@ -20,10 +20,10 @@ from typing import Any, Iterable
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from uvd import layout as L
 from uvd import manifest as M
+from uvd.config import read_yaml
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +243,7 @@ def load_target(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"--target: {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path, "target mix") or {}
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a target mix is a mapping with tolerance and categories/sources/tasks")
     unknown = set(data) - {"name", "description", "tolerance", "categories", "sources", "tasks"}
@@ -253,6 +253,10 @@ def load_target(path: str | Path) -> dict[str, Any]:
     if not isinstance(tolerance, (int, float)) or not 0 <= tolerance < 1:
         raise ValueError(f"{path}: tolerance must be a share in [0, 1) (absolute drift of a token share), got {tolerance!r}")
     sections: dict[str, list[dict[str, Any]]] = {}
+    for key, kind in (("categories", list), ("sources", dict), ("tasks", dict)):
+        if not isinstance(data.get(key) or kind(), kind):
+            raise ValueError(f"{path}: {key}: expected a {'list of {name, share, match}' if kind is list else 'mapping of NAME: share'}, "
+                             f"got {data[key]!r}")
     for i, entry in enumerate(data.get("categories") or []):
         if not isinstance(entry, dict) or not {"name", "share", "match"} <= set(entry):
             raise ValueError(f"{path}: categories[{i}] needs name, share and match (a list of SOURCE/TASK globs)")

@@ -1,14 +1,20 @@
-"""The `uvd` command line.
+"""The `uvd` command line: the application layer over the core (uvd/) and its plug-ins.
 
     uvd run RECIPE [--set key=value ...] [--out DIR] [--address RAY_ADDRESS] [--limit N] [--overwrite]
     uvd stats DIR [--json]
-    uvd validate RECIPE ...
-    uvd demo [--out DIR]
+    uvd validate [CONFIG ...]
+    uvd demo [--out DIR] [--small] [--no-train]
     uvd audit DIR [--target MIX.yaml] [--out report.html] [--json]
+    uvd push RUN REPO_ID [--private] [--message TEXT]
     uvd train CONFIG [--set key=value ...]
     uvd ablate CONFIG --leave-out SOURCE [...] [--set ...] [--eval-data RUN ...]
     uvd eval MODEL --data RUN [...] [--json]
     uvd prompt MODEL --data RUN [...] [--mode analogy|sequential] [--out sheet.png]
+    uvd tokenizer convert|train ...;  uvd view SHARD|IMAGE --out PNG
+
+Plug-ins (`pipelines/`, `tokenizer/`, `model/`, `demo/`) are found through `uvd.registry.plugin`
+and imported only by the commands that use them: `--help`, `stats`, `audit --json` and
+`validate` of dataset recipes, mixes and tokenizer recipes never import torch.
 """
 from __future__ import annotations
 
@@ -19,14 +25,8 @@ import os
 import sys
 from pathlib import Path
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
-
-
-def _load_plugins() -> None:
-    # The registry is filled here: uvd never imports these packages itself.
-    import model.prompt  # noqa: F401  (the demo's LVM training step)
-    import pipelines  # noqa: F401
-    import tokenizer  # noqa: F401
+from uvd.config import recipes_dir
+from uvd.registry import plugin
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,8 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--codebook", action="store_true",
                        help="also code usage per source: histogram, perplexity, dead-code share (reads the tokens)")
 
-    validate = sub.add_parser("validate", help="check recipes without running them")
-    validate.add_argument("recipes", nargs="*", help=f"recipe files (default: every file in {RECIPES_DIR})")
+    validate = sub.add_parser("validate", help="check recipes and configs without running them")
+    validate.add_argument("recipes", nargs="*", metavar="CONFIG",
+                          help="YAML files: dataset recipes, training configs (train/), tokenizer training "
+                               "recipes (tokenizer/), target mixes (mixes/); default: every YAML file under recipes/")
 
     audit = sub.add_parser("audit", help="data-mix audit of one run or a folder of runs: HTML report, JSON, drift check")
     audit.add_argument("dir")
@@ -67,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--small", action="store_true", help="a smaller world (faster)")
     demo.add_argument("--no-train", action="store_true", help="skip the last step (training a tiny LVM)")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    push = sub.add_parser("push", help="upload a finished run folder to the Hugging Face Hub as a dataset repo")
+    push.add_argument("run", help="a run folder whose status is complete")
+    push.add_argument("repo_id", help="dataset repo, e.g. me/uvd-laion (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--message", help="commit message")
 
     train = sub.add_parser("train", help="train the LVM on token shards (model/; torchrun for DDP/FSDP)")
     train.add_argument("config", help="training config (see recipes/train/)")
@@ -87,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-prompts", type=int, default=20, help="prompts per task")
     evaluate.add_argument("--windows", type=int, default=8, help="packed windows for the held-out perplexity")
     evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.add_argument("--seq-len", type=int,
+                          help="window length for the held-out perplexity (default: the data.seq_len the model was trained at)")
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--json", action="store_true")
 
@@ -134,13 +144,18 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    _load_plugins()
     from uvd.runner import JobFailed
 
     try:
         return COMMANDS[args.command](args)
     except ValueError as err:
         print(f"uvd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        if args.verbose:
+            raise
+        what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else f"{type(err).__name__}: {err}"
+        print(f"uvd {args.command}: error: {what} (-v shows where)", file=sys.stderr)
         return 2
     except JobFailed as err:
         print(f"uvd {args.command}: job failed: {err}", file=sys.stderr)
@@ -157,7 +172,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         overrides.append(f"limits.max_items={args.limit}")
     recipe = load_recipe(args.recipe, overrides)
     out = Path(args.out or f"out/{recipe.source}")
-    summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
+    try:
+        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+    except BaseException:
+        for folder in new_folders:  # a run that failed before writing anything leaves no empty --out behind
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
     if summary.already_complete:
         print(f"{out}: already complete ({summary.sentences:,} sentences); --overwrite to redo it")
     else:
@@ -178,15 +200,59 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from uvd.recipe import load_recipe
+CONFIG_KINDS = {"train": "training config", "tokenizer": "tokenizer training recipe", "mixes": "target mix"}
 
-    paths = [Path(p) for p in args.recipes] or sorted(RECIPES_DIR.glob("*.yaml"))
+
+def config_kind(path: Path, data: object) -> str:
+    """Which schema a YAML file follows: its folder under a recipes/ folder (train/, tokenizer/, mixes/)
+    says so; elsewhere its keys do. -> recipe | training config | tokenizer training recipe | target mix."""
+    folder = path.resolve().parent
+    under_recipes = folder.parent.name == "recipes" or folder.parent == recipes_dir().resolve()
+    if under_recipes and folder.name in CONFIG_KINDS:
+        return CONFIG_KINDS[folder.name]
+    keys = set(data) if isinstance(data, dict) else set()
+    if "source" in keys:
+        return "recipe"
+    if keys & {"categories", "sources", "tasks"}:
+        return "target mix"
+    if {"data", "out"} <= keys:
+        return "tokenizer training recipe"
+    if keys & {"model", "optim", "train", "eval"}:
+        return "training config"
+    return "recipe"
+
+
+def validate_config(path: Path) -> str:
+    """Load `path` with its own schema (ValueError naming the file and field) -> a one-line summary."""
+    from uvd.config import read_yaml
+
+    kind = config_kind(path, read_yaml(path, "config"))
+    if kind == "recipe":
+        from uvd.recipe import load_recipe
+
+        recipe = load_recipe(path)
+        return f"recipe: source {recipe.source}, hash {recipe.hash()}"
+    if kind == "target mix":
+        from uvd.audit import load_target
+
+        target = load_target(path)
+        return f"target mix {target['name']}: {', '.join(f'{len(v)} {k}' for k, v in target['sections'].items())}"
+    if kind == "training config":
+        config = plugin("train_config")(path)
+        return f"training config: model {getattr(config, 'size', '?')}, {config.train.max_steps} steps"
+    config = plugin("tokenizer_train_config")(path)
+    return f"tokenizer training recipe: {len(config.data)} source(s), {config.train.steps} steps"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    root = recipes_dir()
+    paths = [Path(p) for p in args.recipes] or sorted(root.rglob("*.yaml"))
+    if not paths:
+        raise ValueError(f"no YAML files under {root}")
     failed = 0
     for path in paths:
         try:
-            recipe = load_recipe(path)
-            print(f"ok    {path}  (source {recipe.source}, hash {recipe.hash()})")
+            print(f"ok    {path}  ({validate_config(path)})", flush=True)
         except ValueError as err:
             failed += 1
             print(f"FAIL  {err}")
@@ -194,9 +260,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from uvd.demo import run_demo
+    plugin("demo")(Path(args.out), small=args.small, progress=not args.quiet, train_lvm=not args.no_train)
+    return 0
 
-    run_demo(Path(args.out), small=args.small, progress=not args.quiet, train_lvm=not args.no_train)
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from uvd.push import push_run
+
+    url = push_run(args.run, args.repo_id, private=args.private, message=args.message)
+    print(f"{args.run} -> {url}")
     return 0
 
 
@@ -241,12 +313,9 @@ def _end_distributed() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from model.config import load_train_config
-    from model.evaluate import evaluate, format_results
-    from model.train import load_model, train
-
-    config = load_train_config(args.config, args.overrides)
-    summary = train(config)
+    evaluate, format_results, load_model = plugin("evaluate"), plugin("format_eval"), plugin("load_model")
+    config = plugin("train_config")(args.config, args.overrides)
+    summary = plugin("train")(config)
     _end_distributed()
     shares = ", ".join(f"{k} {summary['token_shares'][k]:.1%} (weight {w:.1%})" for k, w in summary["weights"].items())
     print(f"{summary['out']}: {summary['step']} steps, {summary['tokens']:,} tokens; token shares: {shares}")
@@ -260,33 +329,42 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from model.config import load_train_config
-    from model.evaluate import ablate, format_results
-
-    config = load_train_config(args.config, args.overrides)
-    results = ablate(config, args.leave_out, args.eval_data)
+    format_results = plugin("format_eval")
+    config = plugin("train_config")(args.config, args.overrides)
+    results = plugin("ablate")(config, args.leave_out, args.eval_data)
     _end_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(results, indent=2) if args.json else format_results(results))
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from model.evaluate import evaluate, format_results
-    from model.checkpoint import load_model
+def trained_seq_len(model_path: str | Path) -> int | None:
+    """data.seq_len of the run that trained `model_path` (a training folder, or one of its checkpoints),
+    from the training folder's config.yaml; None when there is none."""
+    from uvd.config import read_yaml
 
-    model = load_model(args.model, _device(args.device))
-    results = evaluate(model, args.data, args.max_prompts, args.windows, args.batch_size)
-    print(json.dumps(results, indent=2) if args.json else format_results({Path(args.model).name: results}))
+    path = Path(model_path)
+    for folder in (path, path.parent.parent):
+        if (folder / "config.yaml").is_file():
+            data = read_yaml(folder / "config.yaml", "training config") or {}
+            seq_len = (data.get("data") or {}).get("seq_len") if isinstance(data, dict) else None
+            return int(seq_len) if isinstance(seq_len, int) else None
+    return None
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    if args.seq_len is not None and args.seq_len <= 0:
+        raise ValueError("--seq-len must be > 0")
+    model = plugin("load_model")(args.model, _device(args.device))
+    seq_len = args.seq_len or trained_seq_len(args.model)  # not 4096 for a model trained on 1024-token windows
+    results = plugin("evaluate")(model, args.data, args.max_prompts, args.windows, args.batch_size, seq_len)
+    print(json.dumps(results, indent=2) if args.json else plugin("format_eval")({Path(args.model).name: results}))
     return 0
 
 
 def cmd_prompt(args: argparse.Namespace) -> int:
-    from model.prompt import prompt
-    from model.checkpoint import load_model
-
-    model = load_model(args.model, _device(args.device))
-    result = prompt(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
+    model = plugin("load_model")(args.model, _device(args.device))
+    result = plugin("prompt")(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
                     args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights)
     print(f"{result['mode']} prompt ({result['task']}, {result['context_images']} context images) -> {result['path']}")
     return 0
@@ -302,14 +380,10 @@ def _warn_untrained(tokenizer_info: dict) -> None:
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "convert":
-        from tokenizer.checkpoints import convert
-
-        layout, cfg = convert(args.src, args.dst)
+        layout, cfg = plugin("tokenizer_convert")(args.src, args.dst)
         print(f"{args.src} ({layout} layout) -> {args.dst}: {cfg.to_dict()}")
         return 0
-    from tokenizer.train import load_train_config, train
-
-    summary = train(load_train_config(args.recipe, args.overrides))
+    summary = plugin("tokenizer_train")(plugin("tokenizer_train_config")(args.recipe, args.overrides))
     _end_distributed()
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary, indent=2))
@@ -317,16 +391,14 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_view(args: argparse.Namespace) -> int:
-    from tokenizer.view import view
-
-    print(view(args.target, args.out, row=args.row, sentence_id=args.sentence_id, weights=args.weights,
+    print(plugin("view")(args.target, args.out, row=args.row, sentence_id=args.sentence_id, weights=args.weights,
                config=args.config))
     return 0
 
 
 COMMANDS = {"run": cmd_run, "stats": cmd_stats, "validate": cmd_validate, "demo": cmd_demo, "audit": cmd_audit,
             "train": cmd_train, "ablate": cmd_ablate, "eval": cmd_eval, "prompt": cmd_prompt}
-COMMANDS.update(tokenizer=cmd_tokenizer, view=cmd_view)
+COMMANDS.update(tokenizer=cmd_tokenizer, view=cmd_view, push=cmd_push)
 
 if __name__ == "__main__":
     sys.exit(main())

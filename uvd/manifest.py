@@ -76,40 +76,6 @@ def recipe_tokenizer_section(run_dir: Path) -> dict[str, Any]:
     return (yaml.safe_load(path.read_text()) or {}).get("tokenizer", {}) if path.is_file() else {}
 
 
-def run_tokenizer_options(run_dir: Path) -> dict[str, Any]:
-    """How a run's tokenizer is rebuilt: from its manifest's record and its resolved recipe.
-    -> {config, weights, seed, trained, weights_sha256}."""
-    run_dir = Path(run_dir)
-    info = (read_manifest(run_dir) or {}).get("tokenizer")
-    if not info:
-        raise ValueError(f"{run_dir}: no run manifest naming its tokenizer")
-    tok = recipe_tokenizer_section(run_dir)
-    if info.get("trained") and not tok.get("weights"):
-        raise ValueError(f"the run's tokenizer is trained but {run_dir / RECIPE_FILE} names no tokenizer.weights")
-    if not info.get("trained") and not info.get("config"):
-        raise ValueError(f"{run_dir}: the manifest records no tokenizer config")
-    return {
-        "config": None if info.get("trained") else info["config"],
-        "weights": tok.get("weights") if info.get("trained") else None,
-        "seed": int(tok.get("seed", 0) or 0),
-        "trained": bool(info.get("trained")),
-        "weights_sha256": info.get("weights_sha256"),
-    }
-
-
-def load_run_tokenizer(run_dir: Path) -> Any:
-    """The tokenizer stage (on CPU) that made a run's shards: the recipe's weights when trained,
-    else the recorded config with the recipe's seed. Needs the stage registered (import tokenizer)."""
-    from uvd.registry import get_tokenizer_stage
-
-    options = run_tokenizer_options(run_dir)
-    stage = get_tokenizer_stage()(options["config"], weights=options["weights"], device="cpu", seed=options["seed"])
-    if options["weights_sha256"] and stage.info["weights_sha256"] != options["weights_sha256"]:
-        log.warning("%s: tokenizer %s is not the one that made the shards (%s...)", run_dir, stage.info["id"],
-                    options["weights_sha256"][:12])
-    return stage
-
-
 def read_rejects(run_dir: Path, columns: list[str] | None = None):
     """Every rejected input of a run, as one Arrow table (the rejects files its manifest lists)."""
     import pyarrow as pa

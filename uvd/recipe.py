@@ -10,17 +10,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import yaml
 
+from uvd.config import apply_override, from_mapping, load_yaml_config  # noqa: F401  (re-exported: the loader lives in uvd/config.py)
 from uvd.registry import get_source
-
-T = TypeVar("T")
 
 
 @dataclass
@@ -186,99 +183,9 @@ def recipe_from_dict(data: dict[str, Any]) -> Recipe:
     return recipe
 
 
-def load_yaml_config(path: str | Path, overrides: list[str], build: Callable[[dict], T], what: str = "recipe") -> T:
-    """Read a YAML file, apply `--set key=value` overrides (dotted keys, YAML values), and
-    build it with `build`; every error names the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: not valid YAML: {err}") from err
-    for override in overrides:
-        apply_override(data, override)
-    try:
-        return build(data)
-    except ValueError as err:
-        raise ValueError(f"{path}: {err}") from err
-
-
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read a YAML recipe and apply `--set key=value` overrides."""
     return load_yaml_config(path, overrides, recipe_from_dict)
-
-
-def apply_override(data: dict[str, Any], override: str) -> None:
-    if "=" not in override:
-        raise ValueError(f"--set {override}: expected key=value, e.g. --set limits.max_items=100")
-    key, _, text = override.partition("=")
-    value = yaml.safe_load(text) if text else None
-    parts = key.strip().split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {override}: {part} is not a section")
-    node[parts[-1]] = value
-
-
-def from_mapping(cls: type, data: dict[str, Any], path: str) -> Any:
-    """Fill dataclass `cls` from `data`, checking keys and value types."""
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping, got {data!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for key, value in data.items():
-        if key not in fields:
-            known = ", ".join(fields) or "(none)"
-            raise ValueError(f"{path}.{key}: unknown key; expected one of {known}")
-        values[key] = _coerce(value, hints[key], f"{path}.{key}")
-    return cls(**values)
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        errors = []
-        for option in options:
-            try:
-                return _coerce(value, option, path)
-            except ValueError as err:
-                errors.append(str(err))
-        raise ValueError(errors[0])
-    if hint is Any:
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{path}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{path}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{path}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{path}: expected a string, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ValueError(f"{path}: expected a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ValueError(f"{path}: expected a mapping, got {value!r}")
-        return {_coerce(k, args[0], f"{path} key"): _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    raise TypeError(f"{path}: unsupported field type {hint}")
 
 
 def _check_choice(path: str, value: str, choices: tuple[str, ...]) -> None:

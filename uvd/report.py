@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from uvd import manifest as M
 from uvd.audit import ASPECT_EDGES, SIDE_EDGES, USE_EDGES, AuditPartial
 from uvd.records import TOKENS_PER_IMAGE
+from uvd.registry import plugin
 from uvd.report_svg import histogram, rank_curve, share_bars
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def decode_samples(total: AuditPartial, runs: list[dict]) -> dict[str, dict[str,
             key = info.get("weights_sha256") or sample["run"]  # runs with the same tokenizer share one decoder
             try:
                 if key not in decoders:
-                    decoders[key] = M.load_run_tokenizer(Path(run["dir"]))
+                    decoders[key] = plugin("run_tokenizer")(Path(run["dir"]))
                 decoder = decoders[key]
                 pixels = decoder.decode_tokens(np.asarray(sample["tokens"]).reshape(-1, TOKENS_PER_IMAGE))  # (N, H, W, 3)
             except (ValueError, OSError, RuntimeError) as err:

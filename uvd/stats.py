@@ -49,6 +49,9 @@ def compute_stats(root: str | Path, codebook: bool = False, verify: bool = False
         )
         for name, counts in sorted(shards.items()):
             path = L.checked_name(run, name, "shard")
+            if not path.is_file():
+                raise L.CorruptRunError(path, "a shard the run lists is missing; rerun `uvd run` with the same recipe "
+                                              "and --out to redo its part")
             if verify:
                 problem = _verify_shard(path, counts)
                 if problem:

@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from demo.world import _available_photos, _load_photo, _prepare_root
+from pipelines import pairing as P
+from pipelines import render
 from uvd import records as R
-from uvd.demo_world import _available_photos, _load_photo, _prepare_root
 
 WIDTH, HEIGHT = 192, 144
 # COCO's own ids (non-contiguous, as in the 80 categories): label values 1, 2, 3 by sorted position.
@@ -147,7 +149,7 @@ def build_coco_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         key = f"val/{name}"
         manifest["items"] += 1
         if i == missing:
-            _reject(manifest, "missing_image", key)
+            _reject(manifest, P.MISSING_IMAGE, key)
             continue
         (root / key).write_bytes(_jpeg(pixels))
         if i == empty:
@@ -166,23 +168,23 @@ def build_coco_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
                        "segmentation": anns[3]["segmentation"], "keypoints": [0] * 51, "num_keypoints": 0})
         manifest["items"] += 3
         if i == broken:
-            for task, reason in (("detection", "bad_box"), ("pose", "bad_keypoints"), ("segmentation", "mismatched_annotation")):
+            for task, reason in (("detection", render.BAD_BOX), ("pose", render.BAD_KEYPOINTS), ("segmentation", render.MISMATCHED_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.UNPAIRED, key)
             continue
         manifest["images"] += 4
     (root / "val" / "extra.jpg").write_bytes(_jpeg(np.full((HEIGHT, WIDTH, 3), 90, np.uint8)))
-    _reject(manifest, "missing_annotation", "val/extra.jpg")
+    _reject(manifest, P.MISSING_ANNOTATION, "val/extra.jpg")
     instances.append({"id": len(instances) + 1, "image_id": 999, "category_id": BALL, "bbox": [1, 1, 5, 5], "area": 25.0,
                       "segmentation": [[1, 1, 6, 1, 6, 6, 1, 6]], "iscrowd": 0})
-    _reject(manifest, "missing_image", f"annotations/instances_val.json#{len(instances)}")
+    _reject(manifest, P.MISSING_IMAGE, f"annotations/instances_val.json#{len(instances)}")
     manifest["items"] += 2
     coco = {"info": {"description": "UVD demo"}, "licenses": [], "images": images}
     (root / "annotations/instances_val.json").write_text(json.dumps({**coco, "annotations": instances, "categories": CATEGORIES}))
     person = [c for c in CATEGORIES if c["id"] == PERSON]
     (root / "annotations/person_keypoints_val.json").write_text(json.dumps({**coco, "annotations": people, "categories": person}))
     (root / "annotations/instances_train.json").write_text('{"images": [{"id": 1, "file_name": "0.jpg"}], "annotations": [')
-    _reject(manifest, "bad_json", "annotations/instances_train.json")
+    _reject(manifest, P.BAD_JSON, "annotations/instances_train.json")
     manifest["items"] += 1
     manifest["pairs"] = {"detection": num_images, "pose": num_images, "segmentation": num_images}
     manifest["tuples"] = num_images
@@ -227,9 +229,9 @@ def build_dense_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         if i == num_images:
             np.save(root / "normals" / f"{stem}.npy", normals[:60].astype(np.float32))
             (root / "edges" / f"{stem}.png").write_bytes(b"<html>not an edge map</html>")
-            for task, reason in (("depth", "missing_annotation"), ("normals", "mismatched_annotation"), ("edges", "bad_annotation")):
+            for task, reason in (("depth", P.MISSING_ANNOTATION), ("normals", render.MISMATCHED_ANNOTATION), ("edges", render.BAD_ANNOTATION)):
                 _reject(manifest, reason, f"{key}#{task}")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.UNPAIRED, key)
             continue
         if i % 2:
             np.save(root / "depth" / f"{stem}.npy", depth.astype(np.float32))
@@ -240,7 +242,7 @@ def build_dense_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         (root / "edges" / f"{stem}.png").write_bytes(_png(cv2.Canny(pixels, 80, 160)))
         manifest["images"] += 4
     (root / "depth" / "000099.png").write_bytes(_png(np.full((120, 160), 3000, np.uint16)))
-    _reject(manifest, "missing_image", f"{root.name}/depth/000099.png")
+    _reject(manifest, P.MISSING_IMAGE, f"{root.name}/depth/000099.png")
     manifest["items"] += 1
     manifest["pairs"] = {"depth": num_images, "normals": num_images, "edges": num_images}
     return manifest
@@ -274,12 +276,12 @@ def build_paired_world(root: Path, num_pairs: int = 16, seed: int = 0) -> dict:
         if extra != 0:
             (root / "target" / name).write_bytes(b"<html>404</html>" if extra == 2 else _png(clean))
         if extra == 0:
-            _reject(manifest, "missing_annotation", f"{root.name}/input/{name}")
+            _reject(manifest, P.MISSING_ANNOTATION, f"{root.name}/input/{name}")
         elif extra == 1:
-            _reject(manifest, "missing_image", f"{root.name}/target/{name}")
+            _reject(manifest, P.MISSING_IMAGE, f"{root.name}/target/{name}")
         elif extra == 2:
             _reject(manifest, R.NOT_AN_IMAGE, f"{root.name}/target/{name}")
-            _reject(manifest, "unpaired", f"{root.name}/input/{name}")
+            _reject(manifest, P.UNPAIRED, f"{root.name}/input/{name}")
         manifest["items"] += 2 if extra < 0 or extra == 2 else 1
         manifest["images"] += 2 if extra < 0 else 0
     manifest["pairs"] = {"denoising": num_pairs}
@@ -339,15 +341,15 @@ def build_ade20k_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
             labels[:5, :5] = 200
         if extra != 0:
             (base / f"annotations/validation/{stem}.png").write_bytes(_png(labels))
-        reason = {0: "missing_annotation", 1: "mismatched_annotation", 2: "bad_annotation"}.get(extra)
+        reason = {0: P.MISSING_ANNOTATION, 1: render.MISMATCHED_ANNOTATION, 2: render.BAD_ANNOTATION}.get(extra)
         manifest["items"] += 2
         if reason:
             _reject(manifest, reason, f"{key}#segmentation")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.UNPAIRED, key)
         else:
             manifest["images"] += 2
     (base / "annotations/validation/ADE_val_00000999.png").write_bytes(_png(np.zeros((120, 160), np.uint8)))
-    _reject(manifest, "missing_image", "ADEChallengeData2016/validation/ADE_val_00000999.png#segmentation")
+    _reject(manifest, P.MISSING_IMAGE, "ADEChallengeData2016/validation/ADE_val_00000999.png#segmentation")
     manifest["items"] += 1
     manifest["path"] = str(base)
     manifest["pairs"] = {"segmentation": num_images}
@@ -378,13 +380,13 @@ def build_voc_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
         key = f"VOC2012/{split}/{stem}.jpg"
         manifest["items"] += 1
         if i == num_images:  # listed, but no JPEG
-            _reject(manifest, "missing_image", f"VOC2012/{split}/{stem}")
+            _reject(manifest, P.MISSING_IMAGE, f"VOC2012/{split}/{stem}")
             continue
         (base / f"JPEGImages/{stem}.jpg").write_bytes(_jpeg(pixels))
         manifest["items"] += 1
         if i == num_images + 1:  # listed, no label map
-            _reject(manifest, "missing_annotation", f"{key}#segmentation")
-            _reject(manifest, "unpaired", key)
+            _reject(manifest, P.MISSING_ANNOTATION, f"{key}#segmentation")
+            _reject(manifest, P.UNPAIRED, key)
             continue
         png = Image.fromarray(labels, mode="P")
         png.putpalette(PALETTE.reshape(-1).tolist())

@@ -1,6 +1,6 @@
 """Media sets for the sample world: generated videos, GLB meshes and annotated video clips, in
 the layouts `pipelines/video.py`, `pipelines/objaverse.py` and `pipelines/annotated_video.py`
-read. Each builder plants known-bad files and returns a manifest like uvd/demo_world.py's:
+read. Each builder plants known-bad files and returns a manifest like demo/world.py's:
 `path`, `items` (rows the reader yields), `expected_rejects` and `keys_by_reason`, plus what
 a correct pipeline must make of the good files. `build_media_world(root)` builds all three.
 """
@@ -12,19 +12,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from demo.world import _prepare_root
+from pipelines.objaverse import BROKEN_MESH
+from pipelines.pairing import MISSING_ANNOTATION, UNPAIRED
+from pipelines.render import BAD_ANNOTATION
+from pipelines.video import CORRUPT_VIDEO, TOO_SHORT, TRUNCATED_VIDEO
 from uvd import records as R
-from uvd.demo_world import _prepare_root
 
 VIDEO_W, VIDEO_H = 160, 120
 FPS = 30
-# Reject reasons of the media sources (also defined in their pipelines; uvd never imports pipelines).
-CORRUPT_VIDEO = "corrupt_video"
-TRUNCATED_VIDEO = "truncated_video"
-TOO_SHORT = "too_short"
-BROKEN_MESH = "broken_mesh"
-MISSING_ANNOTATION = "missing_annotation"
-BAD_ANNOTATION = "bad_annotation"
-UNPAIRED = "unpaired"
 
 
 def _reject(manifest: dict, reason: str, key: str) -> None:
