@@ -60,6 +60,7 @@ DEMO_JOBS = [
     ("video.yaml", lambda w: [f"inputs={w['media']['video']['path']}"]),
     ("objaverse.yaml", lambda w: [f"inputs={w['media']['meshes']['path']}"]),
     ("annotated_video.yaml", lambda w: [f"inputs={w['media']['annotated_video']['path']}"]),
+    ("semantic_folders.yaml", lambda w: [f"inputs={w['annotated']['ade20k']['path']}"]),
 ]
 
 

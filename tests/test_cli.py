@@ -235,7 +235,7 @@ def test_a_run_that_fails_at_once_leaves_no_empty_out(tmp_path, capsys):
     empty.mkdir()
     out = tmp_path / "new" / "laion"
     assert main(["run", str(ROOT / "recipes/laion.yaml"), "--set", f"inputs={empty}", "--out", str(out), "--quiet"]) == 2
-    assert "holds no input" in capsys.readouterr().err
+    assert "holds no img2dataset shards (looked for *.tar" in capsys.readouterr().err
     assert not out.exists() and not out.parent.exists()
     kept = tmp_path / "kept"
     kept.mkdir()  # a folder the user made is theirs: left in place

@@ -83,18 +83,23 @@ def hub(monkeypatch):
 
 def _run(tmp_path, status="complete"):
     run = tmp_path / "laion"
-    run.mkdir()
+    (run / "data").mkdir(parents=True)
+    (run / "rejects").mkdir()
     rows = [{"id": f"s{i}", "source": "laion", "task": "single", "num_images": 1,
              "tokens": np.full(256, i, np.uint16), "images": [f"00000.tar/{i}"], "meta": "{}"} for i in range(2)]
-    write_shard(rows, run / "laion-00000.parquet", 16, "zstd", 3)
-    pq.write_table(rejects_table([Reject("00000.tar/7", "corrupt_image", "bad", "00000.tar")]), run / M.REJECTS_FILE)
+    write_shard(rows, run / "data/laion-000000-000.parquet", 16, "zstd", 3)
+    pq.write_table(rejects_table([Reject("00000.tar/7", "corrupt_image", "bad", "00000.tar")]),
+                   run / "rejects/laion-000000.parquet")
     (run / M.RECIPE_FILE).write_text("source: laion\n")
-    M.write_manifest(run, {"source": "laion", "status": status, "tokenizer": {"id": "t", "trained": False},
-                           "shards": {"laion-00000.parquet": {"sentences": 2, "images": 2, "tokens": 512}}})
-    for work in (run / "_work", run / "_uvd" / "work"):  # the token cache of the old and the new layout
+    M.write_manifest(run, {"schema_version": 2, "source": "laion", "recipe_hash": "0", "status": status,
+                           "tokenizer": {"id": "t", "trained": False},
+                           "rejects": {"files": ["rejects/laion-000000.parquet"], "count": 1, "by_reason": {"corrupt_image": 1}},
+                           "shards": {"data/laion-000000-000.parquet": {"sentences": 2, "images": 2, "tokens": 512}}})
+    for work in (run / "_uvd" / "work", run / "_uvd" / "writes"):  # bookkeeping: never uploaded
         work.mkdir(parents=True)
-        (work / "unit-0.parquet").write_bytes(b"cache")
-    (run / ".laion-00001.parquet.tmp").write_bytes(b"half written")
+        (work / "000000.parquet").write_bytes(b"cache")
+    (run / "_uvd" / "lock").write_text("pid 1")
+    (run / "data" / ".laion-000000-001.parquet.tmp").write_bytes(b"half written")
     return run
 
 
@@ -116,10 +121,10 @@ def test_push_uploads_the_run_folder(hub, tmp_path, capsys):
                for r in hub.requests)
     header, files = _commit_files(hub)
     expected = {p.relative_to(run).as_posix(): p.read_bytes() for p in run.rglob("*")
-                if p.is_file() and not p.relative_to(run).as_posix().startswith(("_work/", "_uvd/work/"))
+                if p.is_file() and not p.relative_to(run).as_posix().startswith("_uvd/")
                 and not p.name.endswith(".tmp")}
-    assert set(expected) == {"laion-00000.parquet", M.REJECTS_FILE, M.RECIPE_FILE, M.MANIFEST}
-    assert files == expected  # byte for byte, and nothing of _work/, _uvd/work/ or temp files
+    assert set(expected) == {"data/laion-000000-000.parquet", "rejects/laion-000000.parquet", M.RECIPE_FILE, M.MANIFEST}
+    assert files == expected  # byte for byte, and nothing of _uvd/ or temp files
     assert "2 sentences" in header["summary"]
 
     hub.requests.clear()  # a second push to the existing repo: create answers 409 and the upload goes on

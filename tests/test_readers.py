@@ -8,9 +8,7 @@ from test_run import laion_run  # noqa: F401  (module fixture)
 
 def test_pyarrow_dataset(laion_run):
     out, summary = laion_run
-    table = ds.dataset(str(out), format="parquet", exclude_invalid_files=True).to_table()
-    # the rejects file sits beside the shards with another schema: select the shards
-    table = ds.dataset(sorted(glob.glob(f"{out}/laion-*.parquet")), format="parquet").to_table()
+    table = ds.dataset(str(out / "data"), format="parquet").to_table()  # data/ holds the shards and nothing else
     assert table.num_rows == summary.sentences
     assert table.column("tokens").type.value_type.bit_width == 16
 
@@ -22,7 +20,7 @@ def test_duckdb(laion_run):
     con = duckdb.connect()
     n, tokens, lo, hi = con.execute(
         f"SELECT count(*), sum(len(tokens)), min(list_min(tokens)), max(list_max(tokens)) "
-        f"FROM read_parquet('{out}/laion-*.parquet')"
+        f"FROM read_parquet('{out}/data/*.parquet')"
     ).fetchone()
     assert n == summary.sentences and tokens == summary.tokens and 0 <= lo <= hi < 8192
 
@@ -32,8 +30,9 @@ def test_hf_datasets(laion_run, tmp_path):
 
     out, summary = laion_run
     dset = load_dataset(
-        "parquet", data_files=sorted(glob.glob(f"{out}/laion-*.parquet")), split="train", cache_dir=str(tmp_path)
+        "parquet", data_files=sorted(glob.glob(f"{out}/data/*.parquet")), split="train", cache_dir=str(tmp_path)
     )
+    assert len(load_dataset(str(out), split="train", cache_dir=str(tmp_path))) == summary.sentences  # the card's configs
     assert len(dset) == summary.sentences
     row = dset[0]
     assert len(row["tokens"]) == 256 * row["num_images"] and row["source"] == "laion"
@@ -48,7 +47,7 @@ def test_shard_meta_carries_the_laion_metadata_of_its_own_image(laion_run, world
     from pathlib import Path
 
     out, summary = laion_run
-    table = ds.dataset(sorted(glob.glob(f"{out}/laion-*.parquet")), format="parquet").to_table()
+    table = ds.dataset(sorted(glob.glob(f"{out}/data/*.parquet")), format="parquet").to_table()
     members = {}
     for tar_path in sorted(Path(world["laion"]["path"]).glob("*.tar")):
         with tarfile.open(tar_path) as tar:

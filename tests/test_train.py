@@ -20,6 +20,7 @@ from model.data import PackedLoader, Prefetcher, RowGroupReader, discover_runs, 
 from model.evaluate import ablation_variants, evaluate, format_results, heldout_seq_len
 from model.llama import LLaMA
 from model.train import lr_at, train
+from uvd.layout import shard_name
 from uvd.manifest import write_manifest
 from uvd.shards import write_shard
 
@@ -43,11 +44,11 @@ def write_run(run_dir: Path, source: str, tasks: dict[str, tuple[int, int]], num
         for i in range(count)
     ]
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    run_dir.mkdir(parents=True)
+    (run_dir / "data").mkdir(parents=True)
     shards = {}
     for k in range(num_shards):
         part = rows[k::num_shards]
-        name = f"{source}-{k:05d}.parquet"
+        name = shard_name(source, 0, k)
         write_shard(part, run_dir / name, row_group_size, "zstd", 3)
         by_task = {}
         for r in part:
@@ -58,10 +59,10 @@ def write_run(run_dir: Path, source: str, tasks: dict[str, tuple[int, int]], num
         shards[name] = {"sentences": len(part), "images": sum(t["images"] for t in by_task.values()),
                         "tokens": sum(t["tokens"] for t in by_task.values()), "by_task": by_task}
     # An unlisted (unfinished) shard that must never be read.
-    write_shard(rows[:1], run_dir / f"{source}-{num_shards:05d}.parquet", 64, "zstd", 3)
-    (run_dir / f"{source}-{num_shards:05d}.parquet").write_bytes(b"not parquet")
-    write_manifest(run_dir, {"schema_version": 1, "source": source, "status": status, "shards": shards,
-                             "tokenizer": {}})
+    write_shard(rows[:1], run_dir / shard_name(source, 0, num_shards), 64, "zstd", 3)
+    (run_dir / shard_name(source, 0, num_shards)).write_bytes(b"not parquet")
+    write_manifest(run_dir, {"schema_version": 2, "source": source, "recipe_hash": "0", "status": status,
+                             "shards": shards, "tokenizer": {}})
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +213,7 @@ def test_prefetcher_gives_the_same_batches_and_the_consumed_position(runs):
 
 def test_prefetcher_hands_a_data_error_to_the_trainer(tmp_path):
     write_run(tmp_path / "r", "laion", {"single": (4, 1)}, 1, 0)
-    (tmp_path / "r" / "laion-00000.parquet").write_bytes(b"broken")  # a listed shard that cannot be read
+    (tmp_path / "r" / "data/laion-000000-000.parquet").write_bytes(b"broken")  # a listed shard that cannot be read
     fetch = Prefetcher(PackedLoader([tmp_path], 256, 2, shuffle_buffer=2), depth=2, pin=False)
     with pytest.raises(Exception, match="(?i)parquet|magic|file"):
         fetch.next_batch()
@@ -221,7 +222,7 @@ def test_prefetcher_hands_a_data_error_to_the_trainer(tmp_path):
 
 def test_shards_are_read_by_row_group(tmp_path):
     write_run(tmp_path / "r", "laion", {"single": (100, 1)}, 1, 5, row_group_size=16)
-    shard = tmp_path / "r" / "laion-00000.parquet"
+    shard = tmp_path / "r" / "data/laion-000000-000.parquet"
     import pyarrow.parquet as pq
 
     table = pq.read_table(shard, columns=["tokens"]).column("tokens").to_pylist()

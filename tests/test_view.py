@@ -31,14 +31,17 @@ def run_dir(tmp_path_factory):
         {"id": "s1", "source": "laion", "task": "pair", "num_images": 2, "tokens": tokens[1:].reshape(-1),
          "images": ["00000.tar/000000002", "00000.tar/000000003"], "meta": "{}"},
     ]
-    write_shard(rows, run / "laion-00000.parquet", 16, "zstd", 3)
-    M.write_manifest(run, {"source": "laion", "status": "complete", "tokenizer": tokenizer.info,
-                           "shards": {"laion-00000.parquet": {"sentences": 2}}})
+    (run / "data").mkdir()
+    write_shard(rows, run / "data/laion-000000-000.parquet", 16, "zstd", 3)
+    counts = {"sentences": 2, "images": 3, "tokens": 768, "by_task": {
+        "single": {"sentences": 1, "images": 1, "tokens": 256}, "pair": {"sentences": 1, "images": 2, "tokens": 512}}}
+    M.write_manifest(run, {"schema_version": 2, "source": "laion", "recipe_hash": "0", "status": "complete",
+                           "tokenizer": tokenizer.info, "shards": {"data/laion-000000-000.parquet": counts}})
     return run
 
 
 def test_view_shard_row_and_id(run_dir, tmp_path, capsys):
-    shard = run_dir / "laion-00000.parquet"
+    shard = run_dir / "data/laion-000000-000.parquet"
     assert main(["view", str(shard), "--id", "s1", "--out", str(tmp_path / "s1.png")]) == 0
     assert "2 image(s) of laion/pair" in capsys.readouterr().out
     sheet = Image.open(tmp_path / "s1.png")
@@ -53,12 +56,12 @@ def test_view_shard_decodes_with_the_run_tokenizer(run_dir, tmp_path):
     from tokenizer.view import LABEL_HEIGHT, view_shard
 
     path = tmp_path / "sheet.png"
-    message = view_shard(run_dir / "laion-00000.parquet", path, row=1)
+    message = view_shard(run_dir / "data/laion-000000-000.parquet", path, row=1)
     assert "laion/pair" in message
     tokenizer = ImageTokenizer("test", device="cpu")
     import pyarrow.parquet as pq
 
-    row = pq.read_table(run_dir / "laion-00000.parquet").slice(1, 1).to_pylist()[0]
+    row = pq.read_table(run_dir / "data/laion-000000-000.parquet").slice(1, 1).to_pylist()[0]
     expected = tokenizer.decode_tokens(np.asarray(row["tokens"]).reshape(2, 256))
     sheet = np.asarray(Image.open(path))
     top = LABEL_HEIGHT // 2 + 8  # title line, then a 4 px margin

@@ -124,6 +124,7 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
         if reject is not None:
             rejects.append(reject)
     writer.flush()
+    _remove_stale_shards(run, recipe.source, part.index, len(writer.shards))
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
@@ -139,6 +140,15 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
               "inputs": sum(len(u.images) for u in images) + len(rejects), "seconds": time.time() - start}
     L.write_json(run / L.WRITES_DIR / f"{part.name}.json", record)
     return record
+
+
+def _remove_stale_shards(run: Path, source: str, part: int, num_shards: int) -> None:
+    """Shards of this part beyond the ones just written (an earlier run of another recipe into this
+    folder made more): never left where a glob over data/ would read them."""
+    k = num_shards
+    while (run / L.shard_name(source, part, k)).is_file():
+        (run / L.shard_name(source, part, k)).unlink()
+        k += 1
 
 
 def _sentences(source: Any, recipe: Any, run: Path, part: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:

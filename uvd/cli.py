@@ -41,12 +41,17 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default: out/<source>)")
     run.add_argument("--address", help="Ray cluster address (default: an embedded local Ray)")
     run.add_argument("--limit", type=int, help="read at most N input items (same as --set limits.max_items=N)")
-    run.add_argument("--overwrite", action="store_true", help="delete this folder's previous run and start over")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over: delete what UVD wrote in --out (never other files), after every check passed")
+    run.add_argument("--verify", action="store_true",
+                     help="on a finished run, re-read every shard's checksum (default: sizes) and redo damaged parts")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
     stats = sub.add_parser("stats", help="statistics of one run folder or a folder of runs")
     stats.add_argument("dir")
     stats.add_argument("--json", action="store_true", help="print JSON (layout in README)")
+    stats.add_argument("--verify", action="store_true",
+                       help="check every listed shard's size and checksum against the run's record (reads every byte)")
     stats.add_argument("--codebook", action="store_true",
                        help="also code usage per source: histogram, perplexity, dead-code share (reads the tokens)")
 
@@ -63,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--samples", type=int, default=2, help="decoded sample sentences per source (0: none)")
     audit.add_argument("--ray", action="store_true", help="count shards in Ray tasks (default: when more than 64 shards)")
     audit.add_argument("--address", help="Ray cluster address for --ray (default: an embedded local Ray)")
+    audit.add_argument("--include-incomplete", action="store_true",
+                       help="also count the finished parts of runs that are still running or failed")
 
     demo = sub.add_parser("demo", help="build a small sample world and run the recipes on it")
     demo.add_argument("--out", default="demo_out", help="folder for the sample world and the runs")
@@ -144,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from uvd.layout import DiskFullError
     from uvd.runner import JobFailed
 
     try:
@@ -157,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else f"{type(err).__name__}: {err}"
         print(f"uvd {args.command}: error: {what} (-v shows where)", file=sys.stderr)
         return 2
-    except JobFailed as err:
+    except (JobFailed, DiskFullError) as err:
         print(f"uvd {args.command}: job failed: {err}", file=sys.stderr)
         return 1
 
@@ -174,7 +182,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"out/{recipe.source}")
     new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
     try:
-        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet,
+                             verify=args.verify)
     except BaseException:
         for folder in new_folders:  # a run that failed before writing anything leaves no empty --out behind
             if folder.is_dir() and not any(folder.iterdir()):
@@ -195,9 +204,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_stats(args: argparse.Namespace) -> int:
     from uvd.stats import compute_stats, format_stats
 
-    stats = compute_stats(args.dir, codebook=args.codebook)
+    stats = compute_stats(args.dir, codebook=args.codebook, verify=args.verify)
     print(json.dumps(stats, indent=2) if args.json else format_stats(stats))
-    return 0
+    return 3 if stats.get("damaged") else 0  # --verify found damaged shards
 
 
 CONFIG_KINDS = {"train": "training config", "tokenizer": "tokenizer training recipe", "mixes": "target mix"}
@@ -279,7 +288,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if args.samples < 0:
         raise ValueError("--samples must be 0 or more")
     data, total, runs = run_audit(args.dir, args.target, num_samples=args.samples, use_ray=True if args.ray else None,
-                                  address=args.address)
+                                  address=args.address, include_incomplete=args.include_incomplete)
     if args.out or not args.json:
         strips = decode_samples(total, runs) if args.samples else None
         path = write_report(args.out or "audit.html", data, strips)

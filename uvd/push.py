@@ -16,7 +16,8 @@ from uvd import manifest as M
 log = logging.getLogger(__name__)
 
 # Never uploaded: the per-input token cache (old and new run layout) and atomic-write temp files.
-IGNORE_PATTERNS = ["_work/*", "_work/**", "_uvd/work/*", "_uvd/work/**", "*.tmp", "**/*.tmp", "**/.*.tmp"]
+# _uvd/ is the run's bookkeeping (lock, per-part records, token work files): not part of the dataset.
+IGNORE_PATTERNS = ["_uvd/*", "_uvd/**", "*.tmp", "**/*.tmp", "**/.*.tmp"]
 
 
 def push_run(run: str | Path, repo_id: str, private: bool = False, message: str | None = None,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from uvd import layout as L
-from uvd.images import ImageRejected, decode_image, resize_array
+from uvd.images import ImageRejected, decode_file, resize_array
 from uvd.records import UNREADABLE, Item
 from uvd.shards import WORK_SCHEMA, table_bytes, uint16_lists
 
@@ -66,7 +66,10 @@ def preprocess_item(item: Item, image: Any, filters: Any) -> tuple[np.ndarray, i
         pixels, width, height = resize_array(item.array, image, filters)
         digest = hashlib.sha256(np.ascontiguousarray(item.array).tobytes()).digest()[:16]
     else:
-        pixels, width, height = decode_image(item.data, image, filters)
+        decoded = decode_file(item.data, image, filters)
+        pixels, width, height = decoded.pixels, decoded.width, decoded.height
+        if decoded.orientation != 1:  # a photo stored on its side was turned upright: say so
+            item.meta = {**item.meta, "exif_transposed": True, "exif_orientation": decoded.orientation}
         digest = hashlib.sha256(item.data).digest()[:16]
     return pixels, width, height, digest
 
