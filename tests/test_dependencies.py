@@ -136,17 +136,22 @@ def small_run(tmp_path_factory):
     from uvd.shards import rejects_table, write_shard
 
     run = tmp_path_factory.mktemp("deps") / "laion"
-    run.mkdir()
+    (run / "data").mkdir(parents=True)
+    (run / "rejects").mkdir()
     rng = np.random.default_rng(0)
     rows = [{"id": f"s{i}", "source": "laion", "task": "single", "num_images": 1,
              "tokens": rng.integers(0, 8192, 256).astype(np.uint16), "images": [f"00000.tar/{i}"], "meta": "{}"}
             for i in range(3)]
-    write_shard(rows, run / "laion-00000.parquet", 16, "zstd", 3)
-    pq.write_table(rejects_table([Reject("00000.tar/9", "corrupt_image", "bad bytes", "00000.tar")]), run / M.REJECTS_FILE)
-    M.write_manifest(run, {"source": "laion", "status": "complete", "recipe_hash": "x",
+    write_shard(rows, run / "data/laion-000000-000.parquet", 16, "zstd", 3)
+    pq.write_table(rejects_table([Reject("00000.tar/9", "corrupt_image", "bad bytes", "00000.tar")]),
+                   run / "rejects/laion-000000.parquet")
+    M.write_manifest(run, {"schema_version": 2, "source": "laion", "status": "complete", "recipe_hash": "x",
                            "tokenizer": {"id": "test", "trained": False, "config": "test"},
-                           "shards": {"laion-00000.parquet": {"sentences": 3, "images": 3, "tokens": 768,
-                                                              "by_task": {"single": 3}}}})
+                           "rejects": {"files": ["rejects/laion-000000.parquet"], "count": 1,
+                                       "by_reason": {"corrupt_image": 1}},
+                           "shards": {"data/laion-000000-000.parquet": {
+                               "sentences": 3, "images": 3, "tokens": 768,
+                               "by_task": {"single": {"sentences": 3, "images": 3, "tokens": 768}}}}})
     return run
 
 
