@@ -60,7 +60,7 @@ def write_run(run_dir: Path, source: str, tasks: dict[str, tuple[int, int]], num
     # An unlisted (unfinished) shard that must never be read.
     write_shard(rows[:1], run_dir / f"{source}-{num_shards:05d}.parquet", 64, "zstd", 3)
     (run_dir / f"{source}-{num_shards:05d}.parquet").write_bytes(b"not parquet")
-    write_manifest(run_dir, {"schema_version": 1, "source": source, "status": status, "shards": shards,
+    write_manifest(run_dir, {"schema_version": 1, "source": source, "recipe_hash": "0", "status": status, "shards": shards,
                              "tokenizer": {}})
 
 
