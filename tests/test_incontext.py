@@ -109,6 +109,38 @@ def test_caption_sentences_carry_each_image_caption(text_tokenizer, laion_world)
     assert len(used) % 3 == 0 and Counter(r.reason for r in rejects)["unused_remainder"] < 3
 
 
+def test_coco_captions_every_image_accounted_for(text_tokenizer, coco_world, tmp_path):
+    import shutil
+
+    path, tok = text_tokenizer
+    root = tmp_path / "coco"
+    shutil.copytree(coco_world["path"], root)
+    instances = json.loads((root / "annotations/instances_val.json").read_text())
+    on_disk = {p.name for p in (root / "val").iterdir()}
+    images = [im for im in instances["images"] if im["file_name"] in on_disk][:9]
+    images.append({"id": 500, "file_name": "gone.jpg"})  # listed, not on disk
+    anns = [{"id": 10 * im["id"] + j, "image_id": im["id"], "caption": f"a red ball number {im['id']} seen {j}"}
+            for im in images[1:-1] for j in range(2)]  # images[0]: no caption
+    anns.append({"id": 1, "image_id": 999, "caption": "an orphan"})
+    (root / "annotations/captions_val.json").write_text(json.dumps({"images": images, "annotations": anns}))
+    rec = _recipe("incontext_caption", root, path, "sentence.captions_from=coco", "sentence.examples=3",
+                  "sentence.images_per_unit=100")
+    sentences, rejects, items, _ = run_plain(rec)
+    by_id = {im["file_name"]: im["id"] for im in images}
+    assert len(sentences) == 2  # 8 captioned images -> two groups of 4
+    for s in sentences:
+        row = s.to_row("incontext_caption")
+        texts = [ids for k, ids in T.split_layout(row["tokens"], json.loads(row["meta"])["layout"]) if k == "text"]
+        for image, ids in zip(s.images, texts):
+            caption = tok.decode((ids.astype(np.int64) - T.TEXT_OFFSET).tolist())
+            assert caption.startswith(f"a red ball number {by_id[Path(image.key).name]} seen ")
+    reasons = {(r.key, r.reason) for r in rejects}
+    assert (f"val/{images[0]['file_name']}", "no_caption") in reasons and ("val/gone.jpg", "missing_image") in reasons
+    assert ("annotations/captions_val.json#1", "missing_image") in reasons
+    unlisted = on_disk - {im["file_name"] for im in images}
+    assert {f"val/{n}" for n in unlisted} == {k for k, r in reasons if r == "missing_annotation"}
+
+
 def test_segmentation_sentences_keep_one_class(text_tokenizer, coco_world):
     path, tok = text_tokenizer
     rec = _recipe("incontext_segmentation", coco_world["path"], path, "sentence.examples=2", "sentence.min_area=0.002",
@@ -139,12 +171,12 @@ def test_segmentation_sentences_keep_one_class(text_tokenizer, coco_world):
     assert reasons["bad_json"] == 1 and reasons["missing_image"] >= 1
 
 
-def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_tokenizer, laion_world, tmp_path):
+def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_tokenizer, laion_world, coco_world, tmp_path):
     import torch
 
     from model.config import VOCAB_SIZE, ModelConfig
     from model.data import PackedLoader, check_vocab_size, data_vocab_size
-    from model.evaluate import evaluate
+    from model.evaluate import eval_examples, evaluate
     from model.llama import LLaMA
     from uvd import manifest as M
     from uvd.runner import run_recipe
@@ -191,6 +223,21 @@ def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_token
     assert caption["tasks"]["incontext_caption"]["token_share"] == pytest.approx(num_tokens / (num_tokens + laion_tokens))
     assert stats["rejected_by_reason"].get("unused_remainder", 0) + stats["rejected_by_reason"].get("no_partner", 0) < 3
 
+    seg_rec = _recipe("incontext_segmentation", coco_world["path"], path, "sentence.examples=2", "sentence.min_area=0.002")
+    seg_sentences, seg_rejects, _, _ = run_plain(seg_rec)
+    seg = tmp_path / "segmentation"
+    summary = run_recipe(seg_rec, seg, progress=False)
+    seg_rows = [r for shard in sorted(M.read_manifest(seg)["shards"]) for r in pq.read_table(seg / shard).to_pylist()]
+    assert sorted(r["id"] for r in seg_rows) == sorted(s.sentence_id("incontext_segmentation") for s in seg_sentences)
+    assert summary.rejected_by_reason == dict(sorted(Counter(r.reason for r in seg_rejects).items()))
+    examples = eval_examples([out, seg], max_per_task=50)
+    first = {r["task"]: r for r in (rows[0], seg_rows[0])}
+    assert len(examples["incontext_caption"]) == len(rows) and len(examples["incontext_segmentation"]) == len(seg_rows)
+    for task, (context, target) in ((t, e[0]) for t, e in examples.items()):
+        layout = json.loads(first[task]["meta"])["layout"]
+        assert layout[-1][0] == ("text" if task == "incontext_caption" else "image") and len(target) == layout[-1][1]
+        assert np.concatenate([context, target]).tolist() == first[task]["tokens"]
+
     vocab = VOCAB_SIZE + tok.get_vocab_size(with_added_tokens=True)
     assert data_vocab_size([out]) == vocab and data_vocab_size([tmp_path / "laion"]) == VOCAB_SIZE
     with pytest.raises(ValueError, match="model.vocab_size"):
@@ -202,9 +249,11 @@ def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_token
     model = LLaMA(ModelConfig(dim=32, num_layers=1, num_heads=2, vocab_size=vocab, max_seq_len=2048))
     _, loss = model(x, y)
     assert torch.isfinite(loss) and abs(loss.item() - np.log(vocab)) < 1.0  # untrained: near uniform
-    results = evaluate(model, [out], max_prompts_per_task=4, num_windows=2, batch_size=2, seq_len=512)
-    caption = results["tasks"]["incontext_caption"]
-    assert caption["kind"] == "incontext" and caption["prompts"] == min(4, len(rows)) and np.isfinite(caption["perplexity"])
+    results = evaluate(model, [out, seg], max_prompts_per_task=4, num_windows=2, batch_size=2, seq_len=512)
+    for task, count in (("incontext_caption", len(rows)), ("incontext_segmentation", len(seg_rows))):
+        entry = results["tasks"][task]
+        assert entry["kind"] == "incontext" and entry["prompts"] == min(4, count)
+        assert 1 < entry["perplexity"] < 3 * vocab  # an untrained model: about the vocabulary size
     small = LLaMA(ModelConfig(dim=32, num_layers=1, num_heads=2, max_seq_len=2048))
     with pytest.raises(ValueError, match="model.vocab_size"):
         evaluate(small, [out], max_prompts_per_task=1, num_windows=1, seq_len=512)
