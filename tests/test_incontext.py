@@ -222,6 +222,13 @@ def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_token
     assert stats["totals"]["tokens"] == num_tokens + laion_tokens
     assert caption["tasks"]["incontext_caption"]["token_share"] == pytest.approx(num_tokens / (num_tokens + laion_tokens))
     assert stats["rejected_by_reason"].get("unused_remainder", 0) + stats["rejected_by_reason"].get("no_partner", 0) < 3
+    from uvd.audit import run_audit
+
+    audit = run_audit(tmp_path, use_ray=False)[0]  # reads every row: the same per-task tokens and shares
+    task = audit["by_source"]["incontext_caption"]["tasks"]["incontext_caption"]
+    assert task["tokens"] == num_tokens and task["token_share"] == pytest.approx(num_tokens / (num_tokens + laion_tokens))
+    again = run_recipe(rec, out, progress=False)  # resume: nothing to redo, the same shards
+    assert again.already_complete and M.read_manifest(out)["shards"] == manifest["shards"]
 
     seg_rec = _recipe("incontext_segmentation", coco_world["path"], path, "sentence.examples=2", "sentence.min_area=0.002")
     seg_sentences, seg_rejects, _, _ = run_plain(seg_rec)
