@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from model.config import BOS_ID, EOS_ID
+from model.config import BOS_ID, EOS_ID, VOCAB_SIZE
 from uvd.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -136,6 +136,57 @@ def find_components(runs: list[str | Path], mixture: dict[str, float] | None = N
     for c in components:
         c.weight /= norm
     return components
+
+
+def text_tokenizers(runs: list[str | Path], include_incomplete: bool = True) -> dict[str, dict[str, Any]]:
+    """sha256 -> {vocab_size, offset, runs} of the text tokenizers whose ids the runs' rows carry
+    (`meta.text_tokenizer`, pipelines/text.py). A run is one recipe, so its first shard's first row
+    group says it; pixel-only runs have none."""
+    found: dict[str, dict[str, Any]] = {}
+    for run in discover_runs(runs, include_incomplete, field_name="data.runs"):
+        shards = sorted(read_manifest(run)["shards"])
+        if not shards:
+            continue
+        metas = pq.ParquetFile(run / shards[0]).read_row_group(0, columns=["meta"]).column("meta").to_pylist()
+        for text in metas:
+            info = json.loads(text).get("text_tokenizer") if text else None
+            if info:
+                entry = found.setdefault(info["sha256"], {"vocab_size": int(info["vocab_size"]),
+                                                          "offset": int(info["offset"]), "runs": []})
+                if str(run) not in entry["runs"]:
+                    entry["runs"].append(str(run))
+    return found
+
+
+def data_vocab_size(runs: list[str | Path], include_incomplete: bool = True) -> int:
+    """The vocabulary the runs' ids need: VOCAB_SIZE (visual + special ids), or offset + the text
+    vocabulary when rows carry text. Two text tokenizers cannot share the one id space: ValueError."""
+    found = text_tokenizers(runs, include_incomplete)
+    if len(found) > 1:
+        which = "; ".join(f"{sha[:12]} in {', '.join(e['runs'])}" for sha, e in found.items())
+        raise ValueError(f"data.runs: rows of {len(found)} different text tokenizers ({which}) would share one id space; "
+                         "tokenize every run's text with the same tokenizer.json")
+    return max([VOCAB_SIZE] + [e["offset"] + e["vocab_size"] for e in found.values()])
+
+
+def check_vocab_size(vocab_size: int, runs: list[str | Path], field_name: str = "model.vocab_size") -> int:
+    """ValueError when a model of `vocab_size` ids cannot read the runs' ids; -> the size they need."""
+    need = data_vocab_size(runs)
+    if need > vocab_size:
+        raise ValueError(f"{field_name}: {vocab_size} ids are too few for these runs: their rows carry text ids up to "
+                         f"{need - 1} ({VOCAB_SIZE} visual and special ids + the text tokenizer's vocabulary); "
+                         f"the model needs vocab_size >= {need}")
+    return need
+
+
+def fit_vocab_size(model_config: Any, runs: list[str | Path]) -> None:
+    """Training: a model left at the LVM's VOCAB_SIZE grows to what the runs need (text); a size set
+    otherwise must already fit them (ValueError)."""
+    need = data_vocab_size(runs)
+    if need > model_config.vocab_size and model_config.vocab_size == VOCAB_SIZE:
+        logger.info("model.vocab_size: %d -> %d (the runs carry text ids)", VOCAB_SIZE, need)
+        model_config.vocab_size = need
+    check_vocab_size(model_config.vocab_size, runs)
 
 
 class RowGroupReader:
@@ -269,7 +320,7 @@ class PackedLoader:
     def __init__(self, runs: list[str | Path], seq_len: int, batch_size: int, mixture: dict[str, float] | None = None,
                  shuffle_buffer: int = 1024, seed: int = 0, rank: int = 0, world_size: int = 1,
                  include_incomplete: bool = False, batching: str = "mixed", task_alpha: float = 0.5,
-                 batches_per_task: int = 1):
+                 batches_per_task: int = 1, vocab_size: int | None = None):
         if batching not in ("mixed", "task"):
             raise ValueError(f"data.batching: {batching!r} is not one of mixed, task")
         self.task_batches = batching == "task"
@@ -285,6 +336,9 @@ class PackedLoader:
         self.drawn = np.zeros(len(self.components), dtype=np.int64)  # tokens drawn per component (all ranks)
         self.carry = np.zeros(0, dtype=np.int64)
         self.num_windows = 0  # windows of the global stream taken so far
+        self.vocab_size = vocab_size  # when given, every sentence's ids are checked against it
+        if vocab_size is not None:
+            check_vocab_size(vocab_size, runs)
 
     def _next_window(self, task: int | None = None) -> np.ndarray:
         carry = self.carry if task is None else self.carries[task]
@@ -293,6 +347,9 @@ class PackedLoader:
             # the component furthest below its share, or the batch's task
             i = int(np.argmin(self.drawn / self.weights)) if task is None else task
             tokens = self.streams[i].next()
+            if self.vocab_size is not None and len(tokens) and int(tokens.max()) >= self.vocab_size:
+                raise ValueError(f"model.vocab_size: {self.vocab_size}, but a sentence of {self.components[i].key} "
+                                 f"holds id {int(tokens.max())}")
             sentence = np.concatenate([[BOS_ID], tokens.astype(np.int64), [EOS_ID]])
             self.drawn[i] += len(sentence)
             pieces.append(sentence)
@@ -448,6 +505,22 @@ class Prefetcher:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def iter_rows(runs: list[str | Path], want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, np.ndarray, dict]]:
+    """As `iter_sentences`, with each row's meta: (source, task, tokens, meta dict)."""
+    for run in discover_runs(runs, include_incomplete=True, field_name="--data"):
+        manifest = read_manifest(run)
+        for name, counts in sorted(manifest["shards"].items()):
+            if want is not None and not any(want(t) for t in counts.get("by_task", {})):
+                continue
+            table = pq.read_table(run / name, columns=["source", "task", "tokens", "meta"])
+            tokens = table.column("tokens").combine_chunks()
+            flat, offsets = tokens.values.to_numpy(zero_copy_only=False), tokens.offsets.to_numpy()
+            cols = table.select(["source", "task", "meta"]).to_pydict()
+            for i, (source, task, meta) in enumerate(zip(cols["source"], cols["task"], cols["meta"])):
+                if want is None or want(task):
+                    yield source, task, flat[offsets[i] : offsets[i + 1]], json.loads(meta) if meta else {}
 
 
 def iter_sentences(runs: list[str | Path], want: Callable[[str], bool] | None = None) -> Iterator[tuple[str, str, np.ndarray]]:

@@ -5,8 +5,10 @@
 
 Per task, on held-out shards: annotated pairs ({x1, y1, ...}): 5 (input, annotation) pairs and
 a query image as the prompt (11 images), perplexity of the query's annotation (256 tokens);
-video tasks (`video_*`): 15 frames, perplexity of the next frame. Plus the overall perplexity
-of packed held-out windows.
+video tasks (`video_*`): 15 frames, perplexity of the next frame. In-context sentences with text
+(`incontext_*`, split along their `meta.layout`): every segment before the query's last one is the
+prompt; `incontext_caption` scores the query's caption tokens, `incontext_segmentation` the query's
+mask tokens. Plus the overall perplexity of packed held-out windows.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig, train_config_from_dict
-from model.data import PackedLoader, iter_sentences
+from model.data import PackedLoader, check_vocab_size, iter_rows
 from model.llama import LLaMA
 
 logger = logging.getLogger(__name__)
@@ -35,7 +37,10 @@ def _autocast(device: torch.device):
 
 
 def task_kind(task: str) -> str | None:
-    """'video' (frames -> next frame), 'pairs' ({x1, y1, ...} layout) or None (not evaluated per task)."""
+    """'video' (frames -> next frame), 'pairs' ({x1, y1, ...} layout), 'incontext' (the last segment
+    of a sentence with text) or None (not evaluated per task)."""
+    if task.startswith("incontext"):
+        return "incontext"
     if task.startswith("video"):
         return "video"
     if task == "single" or task.startswith(("category", "multiview")):
@@ -50,7 +55,13 @@ def eval_examples(runs: list[str | Path], max_per_task: int) -> dict[str, list[t
     def want(task: str) -> bool:
         return task_kind(task) is not None and len(examples.get(task, [])) < max_per_task
 
-    for _, task, tokens in iter_sentences(runs, want):
+    for _, task, tokens, meta in iter_rows(runs, want):
+        if task_kind(task) == "incontext":
+            layout = meta.get("layout")
+            if layout and len(layout) >= 2 and sum(n for _, n in layout) == len(tokens):
+                split = len(tokens) - layout[-1][1]
+                examples.setdefault(task, []).append((tokens[:split], tokens[split:]))
+            continue
         num_context = NUM_VIDEO_CONTEXT if task_kind(task) == "video" else 2 * NUM_PAIRS + 1
         if len(tokens) >= (num_context + 1) * TOKENS_PER_IMAGE:
             split = num_context * TOKENS_PER_IMAGE
@@ -60,11 +71,15 @@ def eval_examples(runs: list[str | Path], max_per_task: int) -> dict[str, list[t
 
 @torch.no_grad()
 def target_perplexity(model: LLaMA, examples: list[tuple[np.ndarray, np.ndarray]], batch_size: int = 4) -> float:
-    """exp(mean NLL) of the target tokens given `[BOS] context`; examples of one task share their length."""
+    """exp(mean NLL) of the target tokens given `[BOS] context`; batches hold examples of one shape
+    (in-context captions differ in length)."""
     device = next(model.parameters()).device
     nll, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = examples[i : i + batch_size]
+    shapes: dict[tuple[int, int], list] = {}
+    for c, t in examples:
+        shapes.setdefault((len(c), len(t)), []).append((c, t))
+    batches = [group[i : i + batch_size] for group in shapes.values() for i in range(0, len(group), batch_size)]
+    for batch in batches:
         ids = torch.tensor(np.stack([np.concatenate([[BOS_ID], c, t]) for c, t in batch]), dtype=torch.long, device=device)
         x, y = ids[:, :-1], ids[:, 1:].clone()
         num_target = len(batch[0][1])
@@ -103,6 +118,7 @@ def heldout_seq_len(model: LLaMA) -> int:
 
 def evaluate(model: LLaMA, runs: list[str | Path], max_prompts_per_task: int = 20, num_windows: int = 8,
              batch_size: int = 4, seq_len: int | None = None) -> dict[str, Any]:
+    check_vocab_size(model.config.vocab_size, runs)  # a pixel-only model cannot read text ids
     was_training = model.training
     model.eval()
     tasks = {}

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model  # noqa: F401
 from model.config import OptimOptions, TrainConfig
-from model.data import PackedLoader, Prefetcher, shares_of
+from model.data import PackedLoader, Prefetcher, fit_vocab_size, shares_of
 from model.llama import LLaMA
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,7 @@ def train(config: TrainConfig, stop_after: int | None = None) -> dict[str, Any]:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    fit_vocab_size(config.model, config.data.runs + config.eval.runs)  # text ids: 8292 + the text vocabulary
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config.to_yaml())
