@@ -44,19 +44,19 @@ def synthetic_run(root: Path, num_sentences: int = 64, seed: int = 0, num_shards
     """Random 16-image sentences in `num_shards` listed shards of `row_group_size`-row groups."""
     rng = np.random.default_rng(seed)
     run = root / "synthetic"
-    run.mkdir(parents=True)
+    (run / "data").mkdir(parents=True)
     shards = {}
     for k in range(num_shards):
         count = len(range(k, num_sentences, num_shards))
         rows = [{"id": f"s{k}-{i}", "source": "synthetic", "task": "video_s10", "num_images": 16,
                  "tokens": rng.integers(0, 8192, 16 * 256).astype(np.uint16), "images": [""] * 16, "meta": "{}"}
                 for i in range(count)]
-        name = f"synthetic-{k:05d}.parquet"
+        name = f"data/synthetic-000000-{k:03d}.parquet"
         write_shard(rows, run / name, row_group_size, "zstd", 3)
         counts = {"sentences": count, "images": 16 * count, "tokens": count * 16 * 256}
         shards[name] = {**counts, "by_task": {"video_s10": counts}}
-    write_manifest(run, {"schema_version": 1, "source": "synthetic", "status": "complete", "tokenizer": {},
-                         "shards": shards})
+    write_manifest(run, {"schema_version": 2, "source": "synthetic", "recipe_hash": "synthetic", "status": "complete",
+                         "tokenizer": {}, "shards": shards})
     return run
 
 
@@ -135,6 +135,9 @@ def main() -> None:
                         help="stand-in step seconds; default: the loader config's FLOPs per step at 40%% MFU of an H100")
     parser.add_argument("--sentences", type=int, default=6144, help="synthetic 16-image sentences (4096 tokens each)")
     parser.add_argument("--world-sizes", default="1,8", help="loader as rank 0 of these numbers of ranks")
+    parser.add_argument("--moe", type=int, default=0, metavar="E",
+                        help="also the same model with E experts per MoE layer at equal active parameters "
+                             "(expert width ffn_dim / top_k), side by side with the dense one")
     parser.add_argument("--skip-trainer", action="store_true")
     parser.add_argument("--skip-loader", action="store_true")
     args = parser.parse_args()
@@ -145,7 +148,15 @@ def main() -> None:
         if not args.skip_loader:
             loader_report(args, data)
         if not args.skip_trainer:
-            trainer_report(args, data, tmp)
+            variants = [("dense", [])] + ([("moe", [f"model.moe_experts={args.moe}"])] if args.moe else [])
+            results = {}
+            for label, extra in variants:
+                results[label] = trainer_report(argparse.Namespace(**{**vars(args), "overrides": [*args.overrides, *extra]}),
+                                                data, f"{tmp}/{label}")
+            if len(results) == 2:
+                (dt, dm), (mt, mm) = results["dense"], results["moe"]
+                print(f"dense vs MoE at equal active parameters: {dt:,.0f} vs {mt:,.0f} tokens/s ({mt / dt:.2f}x); "
+                      f"MFU {dm} vs {mm}")
 
 
 def loader_report(args: argparse.Namespace, data: str) -> None:
@@ -166,7 +177,7 @@ def loader_report(args: argparse.Namespace, data: str) -> None:
                   f"step ({r.step_s * 1000:.0f} ms)")
 
 
-def trainer_report(args: argparse.Namespace, data: str, tmp: str) -> None:
+def trainer_report(args: argparse.Namespace, data: str, tmp: str) -> tuple[float, str]:
     """2. The trainer against a plain loop: tokens/s, step time, loader share, MFU."""
     warmup = max(2, args.steps // 4)
     overrides = [f"data.runs=[{data}]", f"train.out={tmp}/out", f"train.max_steps={warmup + args.steps}",
@@ -199,6 +210,7 @@ def trainer_report(args: argparse.Namespace, data: str, tmp: str) -> None:
         print(f"  {label:12s} {tps:12,.0f} tokens/s   MFU {mfu}")
     print(f"  trainer step {step_s * 1000:.1f} ms, loader wait {share:.2%} of it")
     print(f"  ratio trainer / plain loop: {ours / ref:.2f}   (plain loop before {ref_before:,.0f}, after {ref_after:,.0f} tokens/s)")
+    return ours, (f"{ours * flops / peak:.1%}" if peak else "n/a")
 
 
 def _flops_per_token(config: TrainConfig) -> float:
