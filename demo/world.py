@@ -22,14 +22,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from pipelines.laion import BAD_METADATA, DUPLICATE_KEY, UNKNOWN_STATUS, UNSUPPORTED_MEMBER
 from uvd import records as R
 
 logger = logging.getLogger(__name__)
 
-# The laion reader's own reasons (pipelines/laion.py; uvd must not import pipelines).
-UNSUPPORTED_MEMBER, DUPLICATE_KEY, UNKNOWN_STATUS, BAD_METADATA = (
-    "unsupported_member", "duplicate_key", "unknown_status", "bad_metadata",
-)
 REJECT_REASONS = (
     R.DOWNLOAD_FAILED, UNSUPPORTED_MEMBER, DUPLICATE_KEY, UNKNOWN_STATUS, BAD_METADATA, R.EMPTY_FILE,
     R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE, R.CORRUPT_IMAGE, R.TOO_SMALL, R.BAD_ASPECT, R.DUPLICATE,

@@ -32,12 +32,12 @@ from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 log = logging.getLogger(__name__)
 
-# Reject reasons of this source beyond uvd.records (to be unified there by the lead).
-DUPLICATE_KEY = "duplicate_key"  # the key was already read from this shard; the first occurrence wins
-MISSING_IMAGE = "missing_image"  # a sample (or a `success` status row) without an image member
-UNKNOWN_STATUS = "unknown_status"  # a status img2dataset does not write; its image is not used
-BAD_METADATA = "bad_metadata"  # the .json member is not a JSON object (null, a list, invalid JSON)
-FILTERED_META = "filtered_meta"  # a `sentence.meta_filters` bound on a metadata field (named in the detail)
+# Reject reasons of this source (the shard readers add unsupported_member, too_large).
+DUPLICATE_KEY = R.DUPLICATE_KEY  # the key was already read from this shard; the first occurrence wins
+MISSING_IMAGE = R.MISSING_IMAGE  # a sample (or a `success` status row) without an image member
+UNKNOWN_STATUS = R.reason("unknown_status", "a status img2dataset does not write; its image is not used")
+BAD_METADATA = R.reason("bad_metadata", "a sample whose .json member is not a JSON object (null, a list, invalid JSON)")
+FILTERED_META = R.reason("filtered_meta", "a sentence.meta_filters bound on a metadata field (named in the detail) fails")
 
 # img2dataset statuses: `success` and its two failures (download, resize). Others are unknown.
 SUCCESS = "success"

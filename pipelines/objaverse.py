@@ -14,15 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines.mesh_render import NUM_VIEWS, PLATFORMS, YFOV, MeshError, MeshRenderer, multiview_cameras
+from pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
+    BROKEN_MESH, NUM_VIEWS, PLATFORMS, YFOV, MeshRenderer, multiview_cameras,
+)
 from uvd import records as R
-from uvd.images import TOO_LARGE
-from uvd.records import Item, Reject, Sentence
+from uvd.records import INCOMPLETE_WINDOW, TOO_LARGE, Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, find_input_files
 
-BROKEN_MESH = "broken_mesh"
-INCOMPLETE_WINDOW = "incomplete_window"  # a view whose windows all lost another view
 
 
 @dataclass
@@ -124,8 +123,8 @@ class ObjaverseSource(Source):
         renderer = MeshRenderer(self.options.resolution, self.options.background, self.options.renderer)
         try:
             views = list(renderer.render(path, cameras))  # 16-24 small images: fine to hold
-        except MeshError as err:
-            yield Item(name, reject=BROKEN_MESH, detail=str(err)[:300])
+        except RejectError as err:
+            yield Item(name, reject=err.reason, detail=err.detail[:300])
             return
         for camera, pixels in views:
             meta = {"object": name, "view": camera["view"], "camera": camera, "renderer": renderer.platform}
