@@ -24,7 +24,7 @@ RECIPE = Path(__file__).parents[1] / "recipes" / "coco.yaml"
 
 @pytest.fixture(scope="module")
 def coco_world(tmp_path_factory):
-    from uvd.demo_world_annotated import build_coco_world
+    from demo.world_annotated import build_coco_world
 
     return build_coco_world(tmp_path_factory.mktemp("coco") / "coco", seed=1)
 
