@@ -1,4 +1,6 @@
 """Each renderer against the pixels it must produce."""
+import colorsys
+
 import numpy as np
 import pytest
 
@@ -32,7 +34,16 @@ def test_detection_box_outline_in_category_color():
     for y, x in [(19, 30), (50, 30), (35, 9), (35, 50), (35, 30), (22, 12)]:
         assert tuple(out[y, x]) == (50, 50, 50), (y, x)
     assert (image == 50).all()  # the input is not modified
-    assert render.category_color(1) != render.category_color(2) != render.category_color(3)
+
+
+
+def test_category_colors_are_distinct_and_the_golden_ratio_hue():
+    colors = [render.category_color(i) for i in range(1, 101)]
+    assert len(set(colors)) == 100  # every COCO category id (1..90) gets its own color
+    for i in (1, 2, 3, 50, 90):
+        hue = (i * (5 ** 0.5 - 1) / 2) % 1.0  # the golden-ratio step, reference HSV -> RGB from colorsys
+        reference = colorsys.hsv_to_rgb(int(hue * 180) / 180, 1.0, 1.0)
+        assert np.abs(np.array(render.category_color(i)) - 255 * np.array(reference)).max() <= 1, i
 
 
 @pytest.mark.parametrize("box", [[100, 20, 40, 30], [-5, 0, 10, 10], [0, 0, 0, 5], [1, 2, 3]])
