@@ -75,8 +75,20 @@ def test_view_image_reconstruction(tmp_path, capsys):
     out = tmp_path / "recon.png"
     assert main(["view", str(tmp_path / "photo.png"), "--weights", str(weights), "--out", str(out)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert report["trained"] is True and report["psnr"] > 0
-    assert Image.open(out).width > 2 * 256  # original | reconstruction
+    assert report["trained"] is True
+    sheet = np.asarray(Image.open(out).convert("RGB"))
+    assert sheet.shape[1] > 2 * 256  # original | reconstruction
+    from tokenizer.view import LABEL_HEIGHT
+    from uvd.images import decode_image
+    from uvd.recipe import FilterOptions, ImageOptions
+
+    top = LABEL_HEIGHT // 2 + 8  # title line, then a 4 px margin
+    original, recon = sheet[top:top + 256, 4:4 + 256], sheet[top:top + 256, 264:264 + 256]
+    expected = decode_image((tmp_path / "photo.png").read_bytes(), ImageOptions(size=256), FilterOptions())[0]
+    assert np.array_equal(original, expected)  # the tiles are where we read them
+    mse = np.square(original.astype(np.float64) - recon.astype(np.float64)).mean()
+    assert 0 < mse  # an untrained-ish tokenizer does not reproduce noise exactly
+    assert report["psnr"] == pytest.approx(20 * np.log10(255.0) - 10 * np.log10(mse), abs=0.006)  # rounded to 0.01 dB
     assert main(["view", str(tmp_path / "photo.png"), "--row", "1", "--out", str(out)]) == 2
 
 
