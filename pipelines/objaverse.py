@@ -17,10 +17,9 @@ from typing import Iterable, Iterator
 from pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
     BROKEN_MESH, NUM_VIEWS, PLATFORMS, YFOV, MeshRenderer, multiview_cameras,
 )
-from uvd import records as R
-from uvd.records import INCOMPLETE_WINDOW, TOO_LARGE, Item, Reject, RejectError, Sentence
+from uvd.records import INCOMPLETE_WINDOW, Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, find_input_files
+from uvd.source import Source, UnitImages, file_size_reject, find_input_files
 
 
 
@@ -111,12 +110,9 @@ class ObjaverseSource(Source):
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
         path = Path(unit)
         name = self._meshes().get(path, path.name)
-        if path.stat().st_size == 0:
-            yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
-            return
-        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
-        if size > limit:  # refused before any decoder sees it
-            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
+        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        if refused:
+            yield refused
             return
         needed = sorted({v for w in view_windows(self.options) for v in w})[:max_items]
         cameras = [self.cameras(name)[v] for v in needed]

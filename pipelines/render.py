@@ -190,6 +190,11 @@ def render_depth(depth: np.ndarray, mode: str = "colormap") -> np.ndarray:
     lo, hi = d[valid].min(), d[valid].max()
     near = np.zeros_like(d)
     near[valid] = 1.0 if hi == lo else (hi - d[valid]) / (hi - lo)
+    return _draw_near(near, valid, mode)
+
+
+def _draw_near(near: np.ndarray, valid: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W) nearness in [0, 1] -> RGB: INFERNO colormap (or gray), near bright; invalid pixels black."""
     gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
     if mode == "grayscale":
         out = np.repeat(gray[..., None], 3, axis=2)
@@ -211,13 +216,7 @@ def render_disparity(disparity: np.ndarray, mode: str = "colormap") -> np.ndarra
     if valid.any():
         lo, hi = d[valid].min(), d[valid].max()
         near[valid] = 0.5 if hi == lo else (d[valid] - lo) / (hi - lo)
-    gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
-    if mode == "grayscale":
-        out = np.repeat(gray[..., None], 3, axis=2)
-    else:
-        out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-    out[~valid] = 0
-    return out
+    return _draw_near(near, valid, mode)
 
 
 def render_normals(normals: np.ndarray) -> np.ndarray:

@@ -17,10 +17,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from uvd import records as R
-from uvd.records import INCOMPLETE_WINDOW, TOO_LARGE, ImageRecord, Item, Reject, RejectError, Sentence, reason
+from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, find_input_files, limit_items
+from uvd.source import Source, UnitImages, file_size_reject, find_input_files, limit_items
 
 log = logging.getLogger(__name__)
 
@@ -188,12 +187,9 @@ class VideoSource(Source):
     def _read(self, unit: str) -> Iterator[Item]:
         path = Path(unit)
         name = self._videos().get(path, path.name)
-        if path.stat().st_size == 0:
-            yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
-            return
-        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
-        if size > limit:  # refused before any decoder sees it
-            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
+        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        if refused:
+            yield refused
             return
         try:
             video = open_video(unit, self.options.decoder, self.options.decode_short_side)

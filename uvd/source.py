@@ -7,7 +7,7 @@ each unit on its own (`assembly = "unit"`: `assemble` gets one unit's tokenized 
 units (`assembly = "global"`) instead implements `plan` (one task, from per-unit counts only,
 writes a plan under the run's `_uvd/plan/`) and `materialize` (per part, from that plan).
 Decode, resize, tokenize and write are shared and live elsewhere; what sources share for reading
-lives here too: `limit_items`, `IMAGE_SUFFIXES`, `files_by_stem`, `chunk_units`/`split_chunk`.
+lives here too: `limit_items`, `IMAGE_SUFFIXES`, `files_by_stem`, `file_size_reject`, `chunk_units`/`split_chunk`.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator, Literal
 
-from uvd.records import FILE_CLASH, ImageRecord, Item, Reject, Sentence
+from uvd.records import EMPTY_FILE, FILE_CLASH, TOO_LARGE, ImageRecord, Item, Reject, Sentence
 
 if TYPE_CHECKING:
     from uvd.recipe import Recipe
@@ -129,6 +129,17 @@ def split_chunk(unit: str) -> tuple[Path, int]:
 # The image files every folder-reading source reads, in the order a webdataset sample's image
 # member is chosen (pipelines/laion_shards.py). All decode through uvd/images.py.
 IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def file_size_reject(path: Path, key: str, max_file_bytes: int) -> Item | None:
+    """The reject of a whole input file refused before any decoder sees it (empty, or over
+    limits.max_file_bytes), else None."""
+    size = path.stat().st_size
+    if size == 0:
+        return Item(key, reject=EMPTY_FILE, detail="zero bytes")
+    if size > max_file_bytes:
+        return Item(key, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={max_file_bytes}")
+    return None
 
 
 def limit_items(items: Iterable[Item], max_items: int | None) -> Iterator[Item]:
