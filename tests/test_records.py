@@ -67,7 +67,7 @@ def test_a_pipeline_registers_its_own_code():
 
 
 def test_one_exception_class_for_every_bad_input():
-    assert images.ImageRejected is R.RejectError  # the name uvd/work.py and tokenizer/train.py still import
+    assert images.ImageRejected is R.RejectError  # the name uvd/work.py still imports
     with pytest.raises(R.RejectError) as err:
         render.render_segmentation(np.zeros((2, 2, 2)))
     assert err.value.reason == render.BAD_ANNOTATION and err.value.detail

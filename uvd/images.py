@@ -53,7 +53,7 @@ ORIENTATION_TRANSPOSE = {
 }
 
 
-# The name this module's callers knew (uvd/work.py, tokenizer/train.py): the one RejectError.
+# The name uvd/work.py still imports (owned by the runner work; to switch to RejectError there).
 ImageRejected = RejectError
 
 
