@@ -133,7 +133,7 @@ def small_run(tmp_path_factory):
 
     from uvd import manifest as M
     from uvd.records import Reject
-    from uvd.shards import rejects_table, write_shard
+    from uvd.shards import SCHEMA_VERSION, rejects_table, write_shard
 
     run = tmp_path_factory.mktemp("deps") / "laion"
     run.mkdir()
@@ -141,12 +141,19 @@ def small_run(tmp_path_factory):
     rows = [{"id": f"s{i}", "source": "laion", "task": "single", "num_images": 1,
              "tokens": rng.integers(0, 8192, 256).astype(np.uint16), "images": [f"00000.tar/{i}"], "meta": "{}"}
             for i in range(3)]
-    write_shard(rows, run / "laion-00000.parquet", 16, "zstd", 3)
-    pq.write_table(rejects_table([Reject("00000.tar/9", "corrupt_image", "bad bytes", "00000.tar")]), run / M.REJECTS_FILE)
-    M.write_manifest(run, {"source": "laion", "status": "complete", "recipe_hash": "x",
+    (run / "data").mkdir()
+    (run / "rejects").mkdir()
+    write_shard(rows, run / "data" / "laion-000000-000.parquet", 16, "zstd", 3)
+    # a core reason and one a pipeline registers (the audit's meaning lookup must stay torch-free)
+    rejects = [Reject("00000.tar/9", "corrupt_image", "bad bytes", "00000.tar"),
+               Reject("00000.tar/8", "unknown_status", "status 'x'", "00000.tar")]
+    pq.write_table(rejects_table(rejects), run / "rejects" / "laion-000000.parquet")
+    M.write_manifest(run, {"schema_version": SCHEMA_VERSION, "source": "laion", "status": "complete", "recipe_hash": "x",
                            "tokenizer": {"id": "test", "trained": False, "config": "test"},
-                           "shards": {"laion-00000.parquet": {"sentences": 3, "images": 3, "tokens": 768,
-                                                              "by_task": {"single": 3}}}})
+                           "shards": {"data/laion-000000-000.parquet": {"sentences": 3, "images": 3, "tokens": 768,
+                                                                     "by_task": {"single": {"sentences": 3, "images": 3, "tokens": 768}}}},
+                           "rejects": {"files": ["rejects/laion-000000.parquet"], "count": 2,
+                                       "by_reason": {"corrupt_image": 1, "unknown_status": 1}}})
     return run
 
 
