@@ -101,3 +101,30 @@ def test_dense_annotations_rejects_a_clashing_annotation(tmp_path):
     assert before["dense/images/000000.png#depth"] != FILE_CLASH
     assert after["dense/depth/zzz.npy"][0] == after["dense/depth/zzz.png"][0] == FILE_CLASH
     assert {k for k in after if k not in before} == {"dense/depth/zzz.npy", "dense/depth/zzz.png"}
+
+
+def test_paired_folders_refuses_an_ambiguous_folder_when_listing(tmp_path):
+    from demo.world_annotated import build_annotated_world
+
+    paired = Path(build_annotated_world(tmp_path / "world", seed=0)["paired"]["path"])
+    recipe = load_recipe(RECIPES / "paired_folders.yaml", [f"inputs={paired}", "sentence.task=denoising", *TEST_OVERRIDES])
+    assert get_source("paired_folders")(recipe).list_units()
+    shutil.copy(paired / "target" / "000001.png", paired / "target" / "000001.jpg")
+    with pytest.raises(ValueError, match="000001.jpg and 000001.png have the same name"):
+        get_source("paired_folders")(recipe).list_units()
+
+
+def test_semantic_folders_rejects_both_images_of_a_clash(tmp_path):
+    from demo.world_annotated import build_ade20k_world
+
+    world = build_ade20k_world(tmp_path / "ade20k", seed=0)
+    recipe = load_recipe(RECIPES / "semantic_folders.yaml", [f"inputs={world['path']}", *TEST_OVERRIDES])
+    images = next(Path(world["path"]).rglob("images/validation"))
+    before = {i.key: i.reject for i in _read_all(recipe)}
+    first = sorted(images.iterdir())[0]
+    shutil.copy(first, first.with_suffix(".png"))
+    after = {i.key: i.reject for i in _read_all(recipe)}
+    clashing = {k for k in after if first.stem in k}
+    assert {k.rpartition("/")[2] for k in clashing} == {first.name, first.with_suffix(".png").name}
+    assert all(after[k] == FILE_CLASH for k in clashing)
+    assert {k: v for k, v in after.items() if k not in clashing} == {k: v for k, v in before.items() if first.stem not in k}
