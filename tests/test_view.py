@@ -12,8 +12,10 @@ from tokenizer.encode import ImageTokenizer
 from tokenizer.vqgan import PRESETS, build_vqgan, save_tokenizer
 from uvd import manifest as M
 from uvd.cli import main
-from uvd.shards import write_shard
+from uvd.shards import SCHEMA_VERSION, write_shard
 from uvd.stats import compute_stats, format_stats
+
+SHARD = "data/laion-000000-000.parquet"  # the run layout: shards under data/
 
 
 @pytest.fixture(scope="module")
@@ -31,14 +33,17 @@ def run_dir(tmp_path_factory):
         {"id": "s1", "source": "laion", "task": "pair", "num_images": 2, "tokens": tokens[1:].reshape(-1),
          "images": ["00000.tar/000000002", "00000.tar/000000003"], "meta": "{}"},
     ]
-    write_shard(rows, run / "laion-00000.parquet", 16, "zstd", 3)
-    M.write_manifest(run, {"source": "laion", "status": "complete", "tokenizer": tokenizer.info,
-                           "shards": {"laion-00000.parquet": {"sentences": 2}}})
+    (run / "data").mkdir()
+    write_shard(rows, run / SHARD, 16, "zstd", 3)
+    counts = {"single": {"sentences": 1, "images": 1, "tokens": 256}, "pair": {"sentences": 1, "images": 2, "tokens": 512}}
+    M.write_manifest(run, {"schema_version": SCHEMA_VERSION, "source": "laion", "status": "complete", "recipe_hash": "x",
+                           "tokenizer": tokenizer.info,
+                           "shards": {SHARD: {"sentences": 2, "images": 3, "tokens": 768, "by_task": counts}}})
     return run
 
 
 def test_view_shard_row_and_id(run_dir, tmp_path, capsys):
-    shard = run_dir / "laion-00000.parquet"
+    shard = run_dir / SHARD
     assert main(["view", str(shard), "--id", "s1", "--out", str(tmp_path / "s1.png")]) == 0
     assert "2 image(s) of laion/pair" in capsys.readouterr().out
     sheet = Image.open(tmp_path / "s1.png")
@@ -53,12 +58,12 @@ def test_view_shard_decodes_with_the_run_tokenizer(run_dir, tmp_path):
     from tokenizer.view import LABEL_HEIGHT, view_shard
 
     path = tmp_path / "sheet.png"
-    message = view_shard(run_dir / "laion-00000.parquet", path, row=1)
+    message = view_shard(run_dir / SHARD, path, row=1)
     assert "laion/pair" in message
     tokenizer = ImageTokenizer("test", device="cpu")
     import pyarrow.parquet as pq
 
-    row = pq.read_table(run_dir / "laion-00000.parquet").slice(1, 1).to_pylist()[0]
+    row = pq.read_table(run_dir / SHARD).slice(1, 1).to_pylist()[0]
     expected = tokenizer.decode_tokens(np.asarray(row["tokens"]).reshape(2, 256))
     sheet = np.asarray(Image.open(path))
     top = LABEL_HEIGHT // 2 + 8  # title line, then a 4 px margin
