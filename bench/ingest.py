@@ -20,7 +20,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 import pipelines  # noqa: E402,F401
 from pipelines.laion import LaionSource  # noqa: E402
 from demo.world import build_laion_world  # noqa: E402
-from uvd.images import ImageRejected, decode_image  # noqa: E402
+from uvd.images import decode_image  # noqa: E402
+from uvd.records import RejectError  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import compare, local_ray, print_comparison, ray_stage  # noqa: E402
 
@@ -33,7 +34,7 @@ def plain_loop(source: LaionSource, units: list[str]) -> int:
             try:
                 decode_image(item.data, recipe.image, recipe.filters)
                 count += 1
-            except ImageRejected:
+            except RejectError:
                 pass
     return count
 

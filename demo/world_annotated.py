@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw
 from demo.world import _available_photos, _load_photo, _prepare_root
 from pipelines import pairing as P
 from pipelines import render
+from pipelines.coco import UNANNOTATED
 from uvd import records as R
 
 WIDTH, HEIGHT = 192, 144
@@ -153,7 +154,7 @@ def build_coco_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
             continue
         (root / key).write_bytes(_jpeg(pixels))
         if i == empty:
-            _reject(manifest, "unannotated", key)
+            _reject(manifest, UNANNOTATED, key)
             continue
         if i == broken:
             anns[1]["bbox"] = [WIDTH - 10, 20, 30, 30]  # runs 20 px past the right edge

@@ -20,15 +20,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from pipelines import pairing as P
-from pipelines.render import BAD_ANNOTATION, MISMATCHED_ANNOTATION, AnnotationError, render_segmentation
+from pipelines.render import BAD_ANNOTATION, MISMATCHED_ANNOTATION, render_segmentation
 from uvd import records as R
-from uvd.records import Item, Reject, Sentence
+from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, clash_rejects, files_by_stem, limit_items, resolve_inputs
 
 LAYOUTS = ("interleaved", "grouped")
 LABEL_MAP_TASKS = ("segmentation",)  # annotation types stored as class ids, rendered with the palette
-FRAME_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 FRAME = "frame"
 
 
@@ -83,16 +82,20 @@ class AnnotatedVideoSource(Source):
         return [str(c) for c in clips]
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(Path(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(Path(unit)), max_items)
 
     def _items(self, clip: Path) -> Iterator[Item]:
         o = self.options
-        frames = _by_stem(clip / o.frames_dir, FRAME_SUFFIXES)
+        frames, frame_clashes = files_by_stem(clip / o.frames_dir, IMAGE_SUFFIXES, on_clash="reject")
+        yield from clash_rejects(frame_clashes, f"{clip.name}/{o.frames_dir}")
         stems = sorted(frames)[:: o.frame_stride]
-        annotations = {task: _by_stem(clip / folder, None) for task, folder in o.annotations.items()}
+        annotations: dict[str, dict[str, Path]] = {}
+        for task, folder in o.annotations.items():
+            annotations[task], clashes = files_by_stem(clip / folder, None, on_clash="reject")
+            for stem, paths in sorted(clashes.items()):
+                for path in paths:
+                    key = P.annotation_key(f"{clip.name}/{folder}/{path.name}", task)
+                    yield Item(key, reject=R.FILE_CLASH, detail=f"{folder}/ has several files of stem {stem!r}")
         for position, stem in enumerate(stems):
             frame_key = f"{clip.name}/{o.frames_dir}/{frames[stem].name}"
             present = [t for t in o.annotations if stem in annotations[t]]
@@ -107,14 +110,17 @@ class AnnotatedVideoSource(Source):
                 key = P.annotation_key(f"{clip.name}/{o.annotations[task]}/{path.name}", task)
                 try:
                     array = self._render(task, path, data)
-                except AnnotationError as err:
+                except RejectError as err:
                     yield Item(key, reject=err.reason, detail=err.detail)
                     continue
                 yield Item(key, array=array, meta={**meta, "pair": frame_key, "role": task})
         for task, files in annotations.items():
             for stem in sorted(set(files) - set(frames)):
                 key = P.annotation_key(f"{clip.name}/{o.annotations[task]}/{files[stem].name}", task)
-                yield Item(key, reject=P.MISSING_IMAGE, detail=f"no frame {stem} in {o.frames_dir}/")
+                if stem in frame_clashes:
+                    yield Item(key, reject=R.FILE_CLASH, detail=f"its frame {stem} is ambiguous: several files in {o.frames_dir}/")
+                else:
+                    yield Item(key, reject=P.MISSING_IMAGE, detail=f"no frame {stem} in {o.frames_dir}/")
 
     def _render(self, task: str, path: Path, frame: bytes) -> np.ndarray:
         try:
@@ -124,12 +130,12 @@ class AnnotatedVideoSource(Source):
             with Image.open(io.BytesIO(frame)) as f:
                 frame_size = f.size
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
-            raise AnnotationError(BAD_ANNOTATION, f"{path.name}: {str(err)[:200]}") from None
+            raise RejectError(BAD_ANNOTATION, f"{path.name}: {str(err)[:200]}") from None
         if annotation.size != frame_size:
-            raise AnnotationError(MISMATCHED_ANNOTATION, f"{path.name} is {annotation.size}, its frame {frame_size}")
+            raise RejectError(MISMATCHED_ANNOTATION, f"{path.name} is {annotation.size}, its frame {frame_size}")
         if task in LABEL_MAP_TASKS:
             if annotation.mode not in ("L", "P", "I", "I;16"):
-                raise AnnotationError(BAD_ANNOTATION, f"{path.name}: label map must be single-channel class ids, got mode {annotation.mode}")
+                raise RejectError(BAD_ANNOTATION, f"{path.name}: label map must be single-channel class ids, got mode {annotation.mode}")
             labels = P.fit_nearest(np.asarray(annotation).astype(np.int32), self.recipe.image)
             return render_segmentation(labels)
         return np.asarray(annotation.convert("RGB"), dtype=np.uint8)
@@ -165,12 +171,6 @@ class AnnotatedVideoSource(Source):
                     yield Reject(image.key, R.UNUSED_REMAINDER, f"fewer than sentence.min_frames={o.min_frames} pairs left in the clip", unit.unit)
                 else:
                     yield Reject(image.key, P.UNPAIRED, "its frame or every annotation of it was rejected", unit.unit)
-
-
-def _by_stem(folder: Path, suffixes: set[str] | None) -> dict[str, Path]:
-    if not folder.is_dir():
-        return {}
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and (suffixes is None or p.suffix.lower() in suffixes)}
 
 
 def count_images(sentences: list[Sentence]) -> dict[str, int]:

@@ -24,16 +24,15 @@ from PIL import Image
 from pipelines import coco_masks
 from pipelines import pairing as P
 from pipelines import render
-from uvd.records import Item, Reject, Sentence
+from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, limit_items, resolve_inputs
 
 log = logging.getLogger(__name__)
 
 TASKS = ("detection", "pose", "segmentation")
 ANNOTATION_FILES = {"detection": "instances", "segmentation": "instances", "pose": "person_keypoints"}
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-UNANNOTATED = "unannotated"  # an image the annotation files list, with no annotation of any requested task
+UNANNOTATED = reason("unannotated", "an image the annotation files list, with no annotation of any requested task")
 
 
 @dataclass
@@ -113,10 +112,7 @@ class CocoSource(Source):
         return {"unavailable_tasks": notes if notes is not None else self.unavailable_tasks(folder.parent, folder.name)}
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(*_parse_unit(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(*_parse_unit(unit)), max_items)
 
     def _items(self, folder: Path, start: int) -> Iterator[Item]:
         root, split = folder.parent, folder.name
@@ -170,7 +166,7 @@ class CocoSource(Source):
             anns = files[ANNOTATION_FILES[task]].annotations.get(entry["id"], []) if ANNOTATION_FILES[task] in files else []
             try:
                 rendered = self._render(task, image, entry, anns, files, folder)
-            except render.AnnotationError as err:
+            except RejectError as err:
                 out.append(P.reject_item(P.annotation_key(key, task), err.reason, err.detail))
                 continue
             if rendered is not None:  # None: this image has no annotation of this type (not a reject)
@@ -192,7 +188,7 @@ class CocoSource(Source):
             return None
         if (entry.get("width"), entry.get("height")) not in ((width, height), (None, None)):
             detail = f"annotations say {entry.get('width')}x{entry.get('height')}, image is {width}x{height}"
-            raise render.AnnotationError(render.MISMATCHED_ANNOTATION, detail)
+            raise RejectError(render.MISMATCHED_ANNOTATION, detail)
         if task == "detection":
             coco = files[ANNOTATION_FILES[task]]
             for ann in anns:
@@ -276,11 +272,11 @@ def _load_coco(path: str, mtime_ns: int) -> _CocoFile:
 def _label_map(labels_dir: Path, entry: dict, height: int, width: int) -> np.ndarray:
     path = labels_dir / f"{Path(entry['file_name']).stem}.png"
     if not path.is_file():
-        raise render.AnnotationError(P.MISSING_ANNOTATION, f"no label map {path.name} in {labels_dir}")
+        raise RejectError(P.MISSING_ANNOTATION, f"no label map {path.name} in {labels_dir}")
     try:
         labels = np.asarray(Image.open(path))
     except OSError as err:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
+        raise RejectError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
     if labels.shape != (height, width):
-        raise render.AnnotationError(render.MISMATCHED_ANNOTATION, f"label map is {labels.shape}, image is {(height, width)}")
+        raise RejectError(render.MISMATCHED_ANNOTATION, f"label map is {labels.shape}, image is {(height, width)}")
     return labels

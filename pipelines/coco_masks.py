@@ -13,6 +13,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from pipelines import render
+from uvd.records import RejectError
 
 MAX_CATEGORIES = render.IGNORE_LABEL - 1  # values 1..254; 255 is the ignore label
 
@@ -26,9 +27,9 @@ def check_category(ann: dict, palette_index: dict[int, int], labels: bool = True
     """The annotation's label value; an unknown category (or, for `labels`, one past 254) is refused."""
     value = palette_index.get(ann.get("category_id"))
     if value is None:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"annotation {ann.get('id')}: unknown category_id {ann.get('category_id')!r}")
+        raise RejectError(render.BAD_ANNOTATION, f"annotation {ann.get('id')}: unknown category_id {ann.get('category_id')!r}")
     if labels and value > MAX_CATEGORIES:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"category_id {ann['category_id']}: more than {MAX_CATEGORIES} categories")
+        raise RejectError(render.BAD_ANNOTATION, f"category_id {ann['category_id']}: more than {MAX_CATEGORIES} categories")
     return value
 
 
@@ -41,7 +42,7 @@ def annotation_mask(segmentation, height: int, width: int, ann_id=None) -> np.nd
         parts = []
         for part in segmentation:
             if not isinstance(part, list) or len(part) % 2 or not all(isinstance(v, (int, float)) and np.isfinite(v) for v in part):
-                raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: polygon part is not a flat list of x, y numbers")
+                raise RejectError(render.BAD_ANNOTATION, f"{where}: polygon part is not a flat list of x, y numbers")
             if len(part) >= 6:
                 parts.append([float(v) for v in part])
         if not parts:
@@ -50,25 +51,25 @@ def annotation_mask(segmentation, height: int, width: int, ann_id=None) -> np.nd
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         size = segmentation["size"]
         if list(size) != [height, width]:
-            raise render.AnnotationError(render.MISMATCHED_ANNOTATION, f"{where}: RLE size {size}, image is {[height, width]}")
+            raise RejectError(render.MISMATCHED_ANNOTATION, f"{where}: RLE size {size}, image is {[height, width]}")
         counts = segmentation["counts"]
         if isinstance(counts, list):  # uncompressed: run lengths alternating 0s and 1s, column-major
             if not all(isinstance(c, int) and c >= 0 for c in counts) or sum(counts) != height * width:
-                raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: RLE counts do not sum to {height}x{width}")
+                raise RejectError(render.BAD_ANNOTATION, f"{where}: RLE counts do not sum to {height}x{width}")
             rle = mask_utils.frPyObjects(segmentation, height, width)
         elif isinstance(counts, str):  # compressed (COCO's LEB128-like string)
             runs = counts_from_string(counts)
             if runs is None or min(runs, default=0) < 0 or sum(runs) != height * width:
-                raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: compressed RLE does not decode to {height}x{width} pixels")
+                raise RejectError(render.BAD_ANNOTATION, f"{where}: compressed RLE does not decode to {height}x{width} pixels")
             rle = {"size": [height, width], "counts": counts.encode()}
         else:
-            raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: RLE counts must be a list or a string")
+            raise RejectError(render.BAD_ANNOTATION, f"{where}: RLE counts must be a list or a string")
     else:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: segmentation is neither polygons nor RLE")
+        raise RejectError(render.BAD_ANNOTATION, f"{where}: segmentation is neither polygons nor RLE")
     try:
         mask = mask_utils.decode(rle)
     except ValueError as err:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{where}: {err}") from None
+        raise RejectError(render.BAD_ANNOTATION, f"{where}: {err}") from None
     return mask.astype(bool)
 
 

@@ -18,12 +18,15 @@ import numpy as np
 
 from pipelines import pairing as P
 from pipelines import render
-from uvd.records import Item, Reject, Sentence
+from uvd import records as R
+from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, chunk_units, resolve_inputs, split_chunk
+from uvd.source import (
+    IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, chunk_units, clash_rejects, files_by_stem, limit_items, resolve_inputs,
+    split_chunk,
+)
 
 TASKS = ("depth", "normals", "edges")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 ANNOTATION_SUFFIXES = (".png", ".npy")
 
 
@@ -74,14 +77,13 @@ class DenseAnnotationsSource(Source):
         }
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(*split_chunk(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(*split_chunk(unit)), max_items)
 
     def _items(self, root: Path, start: int) -> Iterator[Item]:
         folders = self._folders(root)
-        files = {task: _by_stem(folder) for task, folder in folders.items()}
+        found = {task: files_by_stem(folder, ANNOTATION_SUFFIXES, on_clash="reject") for task, folder in folders.items()}
+        files = {task: by_stem for task, (by_stem, _) in found.items()}
+        clashes = {task: clashing for task, (_, clashing) in found.items()}
         all_images = _images(root)
         images = all_images[start: start + self.options.images_per_unit]
         for path in images:
@@ -97,9 +99,13 @@ class DenseAnnotationsSource(Source):
                     continue
                 if task not in folders:
                     continue
+                if path.stem in clashes[task]:
+                    names = ", ".join(p.name for p in clashes[task][path.stem])
+                    yield P.reject_item(P.annotation_key(key, task), R.FILE_CLASH, f"{task}/ has several files of its stem: {names}")
+                    continue
                 try:
                     rendered = self._render(task, files[task].get(path.stem), image.shape[:2])
-                except render.AnnotationError as err:
+                except RejectError as err:
                     yield P.reject_item(P.annotation_key(key, task), err.reason, err.detail)
                     continue
                 yield P.annotation_item(key, task, rendered)
@@ -110,13 +116,14 @@ class DenseAnnotationsSource(Source):
             for stem, path in sorted(by_stem.items()):
                 if stem not in stems:
                     yield P.reject_item(f"{root.name}/{task}/{path.name}", P.MISSING_IMAGE, f"no images/{stem}.* for it")
+            yield from clash_rejects({s: ps for s, ps in clashes[task].items() if s not in stems}, f"{root.name}/{task}")
 
     def _render(self, task: str, path: Path | None, shape: tuple[int, int]) -> np.ndarray:
         if path is None:
-            raise render.AnnotationError(P.MISSING_ANNOTATION, f"no {task}/ file for this image")
+            raise RejectError(P.MISSING_ANNOTATION, f"no {task}/ file for this image")
         array = _load_array(path, rgb=task == "normals")
         if array.shape[:2] != shape:
-            raise render.AnnotationError(render.MISMATCHED_ANNOTATION, f"{path.name} is {array.shape[:2]}, image is {shape}")
+            raise RejectError(render.MISMATCHED_ANNOTATION, f"{path.name} is {array.shape[:2]}, image is {shape}")
         if task == "depth":
             return render.render_depth(array, self.options.depth_mode)
         if task == "normals":
@@ -130,9 +137,6 @@ class DenseAnnotationsSource(Source):
 def _images(root: Path) -> list[Path]:
     return sorted(p for p in (root / "images").iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
-
-def _by_stem(folder: Path) -> dict[str, Path]:
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.suffix.lower() in ANNOTATION_SUFFIXES}
 
 
 def _load_array(path: Path, rgb: bool) -> np.ndarray:
@@ -149,7 +153,7 @@ def _load_array(path: Path, rgb: bool) -> np.ndarray:
                 if not rgb:
                     array = array[..., 0]
     except (OSError, ValueError) as err:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
+        raise RejectError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
     if not np.issubdtype(array.dtype, np.number) and array.dtype != bool:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: dtype {array.dtype} is not numeric")
+        raise RejectError(render.BAD_ANNOTATION, f"{path.name}: dtype {array.dtype} is not numeric")
     return array

@@ -18,10 +18,9 @@ from pipelines import pairing as P
 from pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, resolve_inputs
+from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, limit_items, resolve_inputs, split_chunk
 
 TASKS = ("colorization", "inpainting")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 
 
 @dataclass
@@ -59,17 +58,11 @@ class DerivedPairsSource(Source):
         return units
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        folder, _, start = unit.rpartition("::")
-        folder = Path(folder)
-        files = _images(folder)[int(start) : int(start) + self.options.files_per_unit]
-        count = 0
-        for path in files:
-            key = f"{folder.name}/{path.name}"
-            for item in self._items(key, path.read_bytes()):
-                if max_items is not None and count >= max_items:
-                    return
-                count += 1
-                yield item
+        return limit_items(self._unit_items(*split_chunk(unit)), max_items)
+
+    def _unit_items(self, folder: Path, start: int) -> Iterator[Item]:
+        for path in _images(folder)[start : start + self.options.files_per_unit]:
+            yield from self._items(f"{folder.name}/{path.name}", path.read_bytes())
 
     def _items(self, key: str, data: bytes) -> Iterator[Item]:
         yield P.input_item(key, data)

@@ -26,9 +26,8 @@ from uvd.layout import PLAN_DIR, atomic_write_bytes
 from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.shards import table_bytes
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, resolve_inputs
 
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".webp", ".bmp"}
 
 
 @dataclass

@@ -28,16 +28,16 @@ from pipelines.laion_shards import (  # noqa: F401  (UNSUPPORTED_MEMBER: a reaso
 from uvd import records as R
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import Source, UnitImages, check_unique_names, limit_items, resolve_inputs
 
 log = logging.getLogger(__name__)
 
-# Reject reasons of this source beyond uvd.records (to be unified there by the lead).
-DUPLICATE_KEY = "duplicate_key"  # the key was already read from this shard; the first occurrence wins
-MISSING_IMAGE = "missing_image"  # a sample (or a `success` status row) without an image member
-UNKNOWN_STATUS = "unknown_status"  # a status img2dataset does not write; its image is not used
-BAD_METADATA = "bad_metadata"  # the .json member is not a JSON object (null, a list, invalid JSON)
-FILTERED_META = "filtered_meta"  # a `sentence.meta_filters` bound on a metadata field (named in the detail)
+# Reject reasons of this source (the shard readers add unsupported_member, too_large).
+DUPLICATE_KEY = R.DUPLICATE_KEY  # the key was already read from this shard; the first occurrence wins
+MISSING_IMAGE = R.MISSING_IMAGE  # a sample (or a `success` status row) without an image member
+UNKNOWN_STATUS = R.reason("unknown_status", "a status img2dataset does not write; its image is not used")
+BAD_METADATA = R.reason("bad_metadata", "a sample whose .json member is not a JSON object (null, a list, invalid JSON)")
+FILTERED_META = R.reason("filtered_meta", "a sentence.meta_filters bound on a metadata field (named in the detail) fails")
 
 # img2dataset statuses: `success` and its two failures (download, resize). Others are unknown.
 SUCCESS = "success"
@@ -174,17 +174,12 @@ class LaionSource(Source):
             samples = folder_samples(path, limit)
         else:
             samples = parquet_samples(path, limit)
-        count = 0
-        for item in self._account(path.name, samples, table):
-            if max_items is not None and count >= max_items:
-                return
-            count += 1
-            yield item
-        if table_error:
-            raise OSError(table_error)
+        yield from limit_items(self._account(path.name, samples, table, table_error), max_items)
 
-    def _account(self, shard: str, samples: Iterator[Sample], table: dict[str, dict] | None) -> Iterator[Item]:
-        """Samples joined with the status table -> one item per sample and per status row."""
+    def _account(self, shard: str, samples: Iterator[Sample], table: dict[str, dict] | None,
+                 table_error: str | None = None) -> Iterator[Item]:
+        """Samples joined with the status table -> one item per sample and per status row; then an
+        unreadable status table fails the unit (OSError), once its samples are all accounted for."""
         seen: dict[str, int] = {}
         try:
             for sample in samples:
@@ -211,6 +206,8 @@ class LaionSource(Source):
         for key, row in (table or {}).items():
             if key not in seen:
                 yield _status_only_item(f"{shard}/{key}", shard, row)
+        if table_error:
+            raise OSError(table_error)
 
     def _sample_item(self, key: str, sample: Sample, row: dict | None) -> Item:
         if sample.problem:

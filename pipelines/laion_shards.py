@@ -19,15 +19,16 @@ from typing import Any, Iterator
 
 import pyarrow.parquet as pq
 
-from uvd.images import TOO_LARGE
+from uvd.records import TOO_LARGE, reason
+from uvd.source import IMAGE_SUFFIXES
 
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+IMAGE_EXTENSIONS = tuple(s.lstrip(".") for s in IMAGE_SUFFIXES)  # webdataset member names: no dot
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 # Streamed tar shards, as webdataset names them: a shell command's output, or a URL.
 STREAM_PREFIXES = ("pipe:", "http://", "https://")
 
 # Reject reason of the readers beyond uvd.records (to be unified there by the lead).
-UNSUPPORTED_MEMBER = "unsupported_member"  # a symlink, hardlink or device member, or a name with no KEY.ext
+UNSUPPORTED_MEMBER = reason("unsupported_member", "a tar member that is a link or device, or whose name is not KEY.ext")
 
 # webdataset's key convention (webdataset.tariterators.base_plus_ext): the key is the member path
 # up to the first dot of its file name, folders included; the rest is the extension.

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import numpy as np
 
+from uvd.records import RejectError, reason
+
 log = logging.getLogger(__name__)
 
 NUM_VIEWS = 24
 AZIMUTH_STEP = 15.0  # degrees: 24 x 15 = 360
 YFOV = 2 * math.atan(16 / 35)  # radians (49.1°): a 35 mm lens on a 32 mm sensor, as Zero123's Blender script
 PLATFORMS = ("auto", "osmesa", "egl")
-
-
-class MeshError(Exception):
-    """A mesh that cannot be loaded or rendered (broken file, no geometry, degenerate bounds)."""
+BROKEN_MESH = reason("broken_mesh", "a mesh that cannot be loaded or rendered (broken file, no triangles, degenerate bounds)")
 
 
 def multiview_cameras(key: str, seed: int, radius: tuple[float, float] = (1.5, 2.2),
@@ -79,15 +78,15 @@ def load_normalized(path: str | Path):
     try:
         scene = trimesh.load(str(path), force="scene")
     except Exception as err:  # noqa: BLE001  trimesh's loaders raise many exception types on bad files
-        raise MeshError(f"{type(err).__name__}: {str(err)[:200]}") from None
+        raise RejectError(BROKEN_MESH, f"{type(err).__name__}: {str(err)[:200]}") from None
     if not scene.geometry or not any(len(getattr(g, "faces", ())) for g in scene.geometry.values()):
-        raise MeshError("no triangles in the file")
+        raise RejectError(BROKEN_MESH, "no triangles in the file")
     bounds = scene.bounds
     if bounds is None or not np.all(np.isfinite(bounds)):
-        raise MeshError("bounds are not finite")
+        raise RejectError(BROKEN_MESH, "bounds are not finite")
     extent = float((bounds[1] - bounds[0]).max())
     if extent <= 0:
-        raise MeshError("zero-size bounds")
+        raise RejectError(BROKEN_MESH, "zero-size bounds")
     transform = np.eye(4)
     transform[:3, :3] /= extent
     transform[:3, 3] = -bounds.mean(axis=0) / extent
@@ -103,7 +102,7 @@ class MeshRenderer:
         self.size, self.background = size, [float(c) for c in background] + [1.0]
 
     def render(self, path: str | Path, cameras: list[dict]):
-        """Yield (camera, (size, size, 3) uint8) for each camera; MeshError for a broken mesh."""
+        """Yield (camera, (size, size, 3) uint8) for each camera; RejectError(broken_mesh) for a broken mesh."""
         import pyrender
 
         tm_scene, transform = load_normalized(path)
@@ -117,7 +116,7 @@ class MeshRenderer:
                 smooth = geometry.visual.kind != "face"  # flat-coloured faces must not be smoothed
                 scene.add(pyrender.Mesh.from_trimesh(geometry, smooth=smooth), pose=transform @ pose)
         except Exception as err:  # noqa: BLE001  malformed buffers, materials or textures
-            raise MeshError(f"{type(err).__name__}: {str(err)[:200]}") from None
+            raise RejectError(BROKEN_MESH, f"{type(err).__name__}: {str(err)[:200]}") from None
         camera = scene.add(pyrender.PerspectiveCamera(yfov=YFOV, znear=0.05, zfar=10.0))
         light = scene.add(pyrender.DirectionalLight(color=np.ones(3), intensity=3.0))  # a headlight
         renderer = _RENDERERS.get((self.platform, self.size))

@@ -14,15 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines.mesh_render import NUM_VIEWS, PLATFORMS, YFOV, MeshError, MeshRenderer, multiview_cameras
-from uvd import records as R
-from uvd.images import TOO_LARGE
-from uvd.records import Item, Reject, Sentence
+from pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
+    BROKEN_MESH, NUM_VIEWS, PLATFORMS, YFOV, MeshRenderer, multiview_cameras,
+)
+from uvd.records import INCOMPLETE_WINDOW, Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, find_input_files
+from uvd.source import Source, UnitImages, file_size_reject, find_input_files
 
-BROKEN_MESH = "broken_mesh"
-INCOMPLETE_WINDOW = "incomplete_window"  # a view whose windows all lost another view
 
 
 @dataclass
@@ -112,20 +110,17 @@ class ObjaverseSource(Source):
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
         path = Path(unit)
         name = self._meshes().get(path, path.name)
-        if path.stat().st_size == 0:
-            yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
-            return
-        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
-        if size > limit:  # refused before any decoder sees it
-            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
+        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        if refused:
+            yield refused
             return
         needed = sorted({v for w in view_windows(self.options) for v in w})[:max_items]
         cameras = [self.cameras(name)[v] for v in needed]
         renderer = MeshRenderer(self.options.resolution, self.options.background, self.options.renderer)
         try:
             views = list(renderer.render(path, cameras))  # 16-24 small images: fine to hold
-        except MeshError as err:
-            yield Item(name, reject=BROKEN_MESH, detail=str(err)[:300])
+        except RejectError as err:
+            yield Item(name, reject=err.reason, detail=err.detail[:300])
             return
         for camera, pixels in views:
             meta = {"object": name, "view": camera["view"], "camera": camera, "renderer": renderer.platform}

@@ -17,9 +17,10 @@ from typing import Iterable, Iterator
 from pipelines import pairing as P
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, chunk_units, resolve_inputs, split_chunk
+from uvd.source import (
+    IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, chunk_units, files_by_stem, limit_items, resolve_inputs, split_chunk,
+)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 EXAMPLE_TASKS = ("style_transfer", "deraining", "denoising", "low_light", "stereo")
 
 
@@ -64,10 +65,7 @@ class PairedFoldersSource(Source):
         return sorted(_by_stem(root / o.input_dir).keys() | _by_stem(root / o.target_dir).keys())
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(*split_chunk(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(*split_chunk(unit)), max_items)
 
     def _items(self, root: Path, start: int) -> Iterator[Item]:
         o = self.options
@@ -89,10 +87,5 @@ class PairedFoldersSource(Source):
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
-    by_stem: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in by_stem:
-                raise ValueError(f"{folder}: {by_stem[path.stem].name} and {path.name} have the same name; pairs would be ambiguous")
-            by_stem[path.stem] = path
-    return by_stem
+    """Checked on the driver too (list_units): two files of one stem make the pairs ambiguous, a ValueError."""
+    return files_by_stem(folder, IMAGE_SUFFIXES, on_clash="error")[0]

@@ -32,10 +32,10 @@ MAX_IMAGES = 16
 
 # Reject reasons of annotated sources (renderers add bad_annotation, bad_box, bad_keypoints,
 # mismatched_annotation: pipelines/render.py).
-MISSING_ANNOTATION = "missing_annotation"  # an input whose annotation file is absent
-MISSING_IMAGE = "missing_image"  # an annotation (file or JSON entry) whose image is absent
-BAD_JSON = "bad_json"  # an annotation file that is not valid JSON of the expected shape
-UNPAIRED = "unpaired"  # tokenized, but its partner was rejected (or it has no annotation at all)
+MISSING_ANNOTATION = R.reason("missing_annotation", "an input whose annotation file is absent")
+MISSING_IMAGE = R.MISSING_IMAGE  # an annotation (file or JSON entry) whose image is absent
+BAD_JSON = R.reason("bad_json", "an annotation file that is not valid JSON of the expected shape")
+UNPAIRED = R.reason("unpaired", "tokenized, but its partner was rejected (or it has no annotation at all)")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Annotation renderers: every annotation becomes an RGB image, (H, W, 3) uint8.
 
 Pure numpy/OpenCV functions, usable on their own; the annotated sources call them inside
-`read_unit`. A malformed annotation raises `AnnotationError(reason, detail)`, which the
+`read_unit`. A malformed annotation raises `RejectError(reason, detail)`, which the
 source turns into a reject. Palettes and colors are fixed, so the same class, category or
 limb has the same color in every dataset.
 """
@@ -10,18 +10,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from uvd.records import RejectError, reason
+
 # Reject reasons of malformed annotations (see also pipelines/pairing.py).
-BAD_ANNOTATION = "bad_annotation"
-BAD_BOX = "bad_box"
-BAD_KEYPOINTS = "bad_keypoints"
-MISMATCHED_ANNOTATION = "mismatched_annotation"
-
-
-class AnnotationError(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+BAD_ANNOTATION = reason("bad_annotation", "an annotation that cannot be read or rendered (bad shape, values, encoding)")
+BAD_BOX = reason("bad_box", "a box that is not [x, y, w, h] or lies outside its image")
+BAD_KEYPOINTS = reason("bad_keypoints", "keypoints that are not 17 (x, y, v) triples, or labeled outside the image")
+MISMATCHED_ANNOTATION = reason("mismatched_annotation", "an annotation whose size differs from its image's")
 
 
 def _voc_palette(n: int = 256) -> np.ndarray:
@@ -72,9 +67,9 @@ def category_color(category_id: int) -> tuple[int, int, int]:
 def render_segmentation(labels: np.ndarray, ignore_label: int | None = IGNORE_LABEL, palette: np.ndarray = PALETTE) -> np.ndarray:
     """(H, W) integer class ids -> (H, W, 3) colors of `palette` (256 x 3); `ignore_label` -> black."""
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
-        raise AnnotationError(BAD_ANNOTATION, f"label map must be (H, W) integers, got {labels.shape} {labels.dtype}")
+        raise RejectError(BAD_ANNOTATION, f"label map must be (H, W) integers, got {labels.shape} {labels.dtype}")
     if labels.size and (labels.min() < 0 or labels.max() > 255):
-        raise AnnotationError(BAD_ANNOTATION, f"class ids must be in 0..255, got {labels.min()}..{labels.max()}")
+        raise RejectError(BAD_ANNOTATION, f"class ids must be in 0..255, got {labels.min()}..{labels.max()}")
     out = palette[labels.astype(np.int64)]
     if ignore_label is not None:
         out[labels == ignore_label] = 0
@@ -84,10 +79,10 @@ def render_segmentation(labels: np.ndarray, ignore_label: int | None = IGNORE_LA
 def check_box(box, width: int, height: int, tolerance: float = 1.0) -> None:
     """COCO [x, y, w, h] must have w, h > 0 and lie inside the image (within `tolerance` px)."""
     if len(box) != 4 or not all(np.isfinite(v) for v in box):
-        raise AnnotationError(BAD_BOX, f"box {box} is not [x, y, w, h]")
+        raise RejectError(BAD_BOX, f"box {box} is not [x, y, w, h]")
     x, y, w, h = box
     if w <= 0 or h <= 0 or x < -tolerance or y < -tolerance or x + w > width + tolerance or y + h > height + tolerance:
-        raise AnnotationError(BAD_BOX, f"box {list(box)} outside the {width}x{height} image")
+        raise RejectError(BAD_BOX, f"box {list(box)} outside the {width}x{height} image")
 
 
 def render_detection(image: np.ndarray, boxes: list[tuple[list[float], int]], thickness: int | None = None) -> np.ndarray:
@@ -131,15 +126,15 @@ def check_keypoints(keypoints, width: int, height: int, tolerance: float = 1.0) 
     """COCO flat [x1, y1, v1, ... x17, y17, v17] -> (17, 3) floats; labeled joints must be in the image."""
     kp = np.asarray(keypoints, dtype=np.float64)
     if kp.size != 51 or not np.all(np.isfinite(kp)):
-        raise AnnotationError(BAD_KEYPOINTS, f"expected 17 (x, y, v) triples, got {kp.size} numbers")
+        raise RejectError(BAD_KEYPOINTS, f"expected 17 (x, y, v) triples, got {kp.size} numbers")
     kp = kp.reshape(17, 3)
     if not np.all(np.isin(kp[:, 2], (0, 1, 2))):
-        raise AnnotationError(BAD_KEYPOINTS, f"visibility must be 0, 1 or 2, got {sorted(set(kp[:, 2]))}")
+        raise RejectError(BAD_KEYPOINTS, f"visibility must be 0, 1 or 2, got {sorted(set(kp[:, 2]))}")
     labeled = kp[:, 2] > 0
     outside = labeled & ((kp[:, 0] < -tolerance) | (kp[:, 1] < -tolerance) | (kp[:, 0] > width + tolerance) | (kp[:, 1] > height + tolerance))
     if outside.any():
         joints = ", ".join(f"{j} at ({kp[j, 0]:g}, {kp[j, 1]:g})" for j in np.flatnonzero(outside))
-        raise AnnotationError(BAD_KEYPOINTS, f"labeled keypoint(s) {joints} outside the {width}x{height} image")
+        raise RejectError(BAD_KEYPOINTS, f"labeled keypoint(s) {joints} outside the {width}x{height} image")
     return kp
 
 
@@ -187,14 +182,19 @@ def render_depth(depth: np.ndarray, mode: str = "colormap") -> np.ndarray:
     if depth.ndim == 3 and depth.shape[2] == 1:
         depth = depth[..., 0]
     if depth.ndim != 2:
-        raise AnnotationError(BAD_ANNOTATION, f"depth must be (H, W), got {depth.shape}")
+        raise RejectError(BAD_ANNOTATION, f"depth must be (H, W), got {depth.shape}")
     d = depth.astype(np.float64)
     valid = np.isfinite(d) & (d > 0)
     if not valid.any():
-        raise AnnotationError(BAD_ANNOTATION, "depth map has no valid (finite, > 0) pixel")
+        raise RejectError(BAD_ANNOTATION, "depth map has no valid (finite, > 0) pixel")
     lo, hi = d[valid].min(), d[valid].max()
     near = np.zeros_like(d)
     near[valid] = 1.0 if hi == lo else (hi - d[valid]) / (hi - lo)
+    return _draw_near(near, valid, mode)
+
+
+def _draw_near(near: np.ndarray, valid: np.ndarray, mode: str) -> np.ndarray:
+    """(H, W) nearness in [0, 1] -> RGB: INFERNO colormap (or gray), near bright; invalid pixels black."""
     gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
     if mode == "grayscale":
         out = np.repeat(gray[..., None], 3, axis=2)
@@ -210,33 +210,27 @@ def render_disparity(disparity: np.ndarray, mode: str = "colormap") -> np.ndarra
     NaN and inf -> black. A constant map is drawn mid-gray (no depth order to show)."""
     d = np.asarray(disparity, dtype=np.float64)
     if d.ndim != 2:
-        raise AnnotationError(BAD_ANNOTATION, f"disparity must be (H, W), got {d.shape}")
+        raise RejectError(BAD_ANNOTATION, f"disparity must be (H, W), got {d.shape}")
     valid = np.isfinite(d)
     near = np.zeros_like(d)
     if valid.any():
         lo, hi = d[valid].min(), d[valid].max()
         near[valid] = 0.5 if hi == lo else (d[valid] - lo) / (hi - lo)
-    gray = np.round(near * 254).astype(np.uint8) + valid.astype(np.uint8)  # valid pixels: 1..255
-    if mode == "grayscale":
-        out = np.repeat(gray[..., None], 3, axis=2)
-    else:
-        out = cv2.cvtColor(cv2.applyColorMap(gray, cv2.COLORMAP_INFERNO), cv2.COLOR_BGR2RGB)
-    out[~valid] = 0
-    return out
+    return _draw_near(near, valid, mode)
 
 
 def render_normals(normals: np.ndarray) -> np.ndarray:
     """Surface normals -> RGB: uint8 RGB images pass through; float unit vectors map
     [-1, 1] -> [0, 255] per axis; zero vectors (no surface) -> black."""
     if normals.ndim != 3 or normals.shape[2] != 3:
-        raise AnnotationError(BAD_ANNOTATION, f"normals must be (H, W, 3), got {normals.shape}")
+        raise RejectError(BAD_ANNOTATION, f"normals must be (H, W, 3), got {normals.shape}")
     if normals.dtype == np.uint8:
         return normals.copy()
     n = normals.astype(np.float64)
     length = np.linalg.norm(n, axis=2)
     surface = length > 0
     if not np.all(np.isfinite(n)) or np.any(np.abs(length[surface] - 1) > 0.05):
-        raise AnnotationError(BAD_ANNOTATION, "normals must be unit vectors (or zero where there is no surface)")
+        raise RejectError(BAD_ANNOTATION, "normals must be unit vectors (or zero where there is no surface)")
     out = np.round((np.clip(n, -1, 1) + 1) * 127.5).astype(np.uint8)
     out[~surface] = 0
     return out

@@ -20,16 +20,17 @@ from PIL import Image
 
 from pipelines import pairing as P
 from pipelines import render
-from uvd.records import Item, Reject, Sentence
+from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import (
+    IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, clash_rejects, files_by_stem, limit_items, resolve_inputs,
+)
 
 TASK = "segmentation"
 LAYOUTS = ("auto", "ade20k", "voc")
 NUM_CLASSES = {"ade20k": 150, "voc": 20}
 PALETTES = {"ade20k": render.ADE20K_PALETTE, "voc": render.PALETTE}
 IGNORE = {"ade20k": None, "voc": render.IGNORE_LABEL}  # ADE20K's 0 is black in its palette already
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
 @dataclass
@@ -93,17 +94,14 @@ class SemanticFoldersSource(Source):
     def _names(layout: str, folder: Path, split: str) -> list[str]:
         """The split's image stems, sorted (ADE20K: its image files; VOC: its list, or every label map)."""
         if layout == "ade20k":
-            return sorted(p.stem for p in (folder / "images" / split).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            return sorted({p.stem for p in (folder / "images" / split).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES})
         if split == "all":
             return sorted(p.stem for p in (folder / "SegmentationClass").glob("*.png"))
         lines = (folder / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
         return sorted(set(lines))
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(unit)):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(unit), max_items)
 
     def _items(self, unit: str) -> Iterator[Item]:
         where, _, start_text = unit.rpartition("#")
@@ -113,10 +111,13 @@ class SemanticFoldersSource(Source):
             image_dir, label_dir = folder / "images" / split, folder / "annotations" / split
         else:
             image_dir, label_dir = folder / "JPEGImages", folder / "SegmentationClass"
-        images = {p.stem: p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES} if image_dir.is_dir() else {}
+        images, clashes = files_by_stem(image_dir, IMAGE_SUFFIXES, on_clash="reject")
         names = self._names(layout, folder, split)
         prefix = f"{folder.name}/{split}"
         for stem in names[start : start + self.options.images_per_unit]:
+            if stem in clashes:
+                yield from clash_rejects({stem: clashes[stem]}, prefix)
+                continue
             if stem not in images:
                 yield P.reject_item(f"{prefix}/{stem}", P.MISSING_IMAGE, f"no {image_dir.name}/{stem}.jpg for it")
                 continue
@@ -129,7 +130,7 @@ class SemanticFoldersSource(Source):
             try:
                 labels = _label_map(label_dir / f"{stem}.png", image.shape[:2], layout)
                 rendered = render.render_segmentation(P.fit_nearest(labels, self.recipe.image), IGNORE[layout], PALETTES[layout])
-            except render.AnnotationError as err:
+            except RejectError as err:
                 yield P.reject_item(P.annotation_key(key, TASK), err.reason, err.detail)
                 continue
             yield P.annotation_item(key, TASK, rendered)
@@ -146,20 +147,20 @@ class SemanticFoldersSource(Source):
 def _label_map(path: Path, shape: tuple[int, int], layout: str) -> np.ndarray:
     """A single-channel class-id PNG (grayscale, or a palette PNG's indices), checked against the image."""
     if not path.is_file():
-        raise render.AnnotationError(P.MISSING_ANNOTATION, f"no label map {path.parent.name}/{path.name}")
+        raise RejectError(P.MISSING_ANNOTATION, f"no label map {path.parent.name}/{path.name}")
     try:
         with Image.open(path) as img:
             if img.mode not in ("L", "P", "I;16", "I"):
-                raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: mode {img.mode}, expected class ids (L or P)")
+                raise RejectError(render.BAD_ANNOTATION, f"{path.name}: mode {img.mode}, expected class ids (L or P)")
             labels = np.asarray(img)
     except OSError as err:
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
+        raise RejectError(render.BAD_ANNOTATION, f"{path.name}: {err}") from None
     if labels.shape != shape:
-        raise render.AnnotationError(render.MISMATCHED_ANNOTATION, f"{path.name} is {labels.shape}, image is {shape}")
+        raise RejectError(render.MISMATCHED_ANNOTATION, f"{path.name} is {labels.shape}, image is {shape}")
     valid = labels <= NUM_CLASSES[layout]
     if layout == "voc":
         valid |= labels == render.IGNORE_LABEL
     if not valid.all():
         bad = sorted(set(np.unique(labels[~valid]).tolist()))[:5]
-        raise render.AnnotationError(render.BAD_ANNOTATION, f"{path.name}: class ids {bad} outside 0..{NUM_CLASSES[layout]}")
+        raise RejectError(render.BAD_ANNOTATION, f"{path.name}: class ids {bad} outside 0..{NUM_CLASSES[layout]}")
     return labels

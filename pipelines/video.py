@@ -17,18 +17,15 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from uvd import records as R
-from uvd.images import TOO_LARGE
-from uvd.records import ImageRecord, Item, Reject, Sentence
+from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, find_input_files
+from uvd.source import Source, UnitImages, file_size_reject, find_input_files, limit_items
 
 log = logging.getLogger(__name__)
 
-CORRUPT_VIDEO = "corrupt_video"  # neither decoder can open it
-TRUNCATED_VIDEO = "truncated_video"  # the file ends (or stops decoding) before frames its header promises
-TOO_SHORT = "too_short"  # no window of any stride fits
-INCOMPLETE_WINDOW = "incomplete_window"  # a frame whose windows all lost another frame (e.g. to a filter)
+CORRUPT_VIDEO = reason("corrupt_video", "a video neither decoder (decord, PyAV) can open")
+TRUNCATED_VIDEO = reason("truncated_video", "a video that ends (or stops decoding) before frames its header promises")
+TOO_SHORT = reason("too_short", "a video too short for a window of any stride")
 DECODERS = ("auto", "decord", "pyav")
 DECODE_CHUNK = 16  # frames per decord get_batch call: bounds memory on long or large videos
 
@@ -79,12 +76,6 @@ def frame_key(video: str, index: int) -> str:
     return f"{video}#f{index:06d}"
 
 
-class VideoError(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
 def _scaled_size(width: int, height: int, short_side: int | None) -> tuple[int, int]:
     """Even (width, height) with the shorter side at most `short_side` (never enlarged)."""
     if not short_side or min(width, height) <= short_side:
@@ -99,7 +90,7 @@ def _probe_size(path: str) -> tuple[int, int]:
 
     with av.open(path) as container:
         if not container.streams.video:
-            raise VideoError(CORRUPT_VIDEO, "no video stream")
+            raise RejectError(CORRUPT_VIDEO, "no video stream")
         context = container.streams.video[0].codec_context
         return context.width, context.height
 
@@ -133,7 +124,7 @@ class PyAVReader:
         self.path, self.short_side = path, short_side
         with av.open(path) as container:
             if not container.streams.video:
-                raise VideoError(CORRUPT_VIDEO, "no video stream")
+                raise RejectError(CORRUPT_VIDEO, "no video stream")
             stream = container.streams.video[0]
             self.width, self.height = stream.codec_context.width, stream.codec_context.height
             self.fps = float(stream.average_rate or 0)
@@ -153,7 +144,7 @@ class PyAVReader:
 
 
 def open_video(path: str, decoder: str, short_side: int | None):
-    """The first decoder that can open `path`; VideoError(corrupt_video) when none can."""
+    """The first decoder that can open `path`; RejectError(corrupt_video) when none can."""
     errors = []
     for cls in {"decord": [DecordReader], "pyav": [PyAVReader]}.get(decoder, [DecordReader, PyAVReader]):
         try:
@@ -161,11 +152,11 @@ def open_video(path: str, decoder: str, short_side: int | None):
             if errors:
                 log.info("%s: decoding with %s (%s)", path, cls.name, "; ".join(errors))
             return reader
-        except VideoError as err:
+        except RejectError as err:
             errors.append(f"{cls.name}: {err.detail}")
         except Exception as err:  # noqa: BLE001  decord raises its own DECORDError/RuntimeError, PyAV many FFmpegError kinds
             errors.append(f"{cls.name}: {type(err).__name__}: {str(err)[:150]}")
-    raise VideoError(CORRUPT_VIDEO, "; ".join(errors))
+    raise RejectError(CORRUPT_VIDEO, "; ".join(errors))
 
 
 @register_source
@@ -191,25 +182,18 @@ class VideoSource(Source):
         return self._names
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        items = self._read(unit)
-        for count, item in enumerate(items):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._read(unit), max_items)
 
     def _read(self, unit: str) -> Iterator[Item]:
         path = Path(unit)
         name = self._videos().get(path, path.name)
-        if path.stat().st_size == 0:
-            yield Item(name, reject=R.EMPTY_FILE, detail="zero bytes")
-            return
-        size, limit = path.stat().st_size, self.recipe.limits.max_file_bytes
-        if size > limit:  # refused before any decoder sees it
-            yield Item(name, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={limit}")
+        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        if refused:
+            yield refused
             return
         try:
             video = open_video(unit, self.options.decoder, self.options.decode_short_side)
-        except VideoError as err:
+        except RejectError as err:
             yield Item(name, reject=err.reason, detail=err.detail[:300])
             return
         plan = plan_windows(video.num_frames, self.options)

@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from uvd.assemble import assemble_units
-from uvd.images import ImageRejected
-from uvd.records import ImageRecord, Reject, Sentence
+from uvd.records import ImageRecord, Reject, RejectError, Sentence
 from uvd.registry import get_source
 from uvd.source import UnitImages
 from uvd.work import preprocess_item
@@ -25,7 +24,7 @@ def run_plain(recipe):
                 continue
             try:
                 px, w, h, digest = preprocess_item(item, recipe.image, recipe.filters)
-            except ImageRejected as err:
+            except RejectError as err:
                 rejects.append(Reject(item.key, err.reason, err.detail, unit))
                 continue
             pixels[item.key] = px

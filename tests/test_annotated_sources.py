@@ -4,14 +4,18 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from conftest import TEST_OVERRIDES
 from pipelines import pairing as P
 from uvd import manifest as M
 from uvd.recipe import load_recipe, recipe_from_dict
+from uvd.records import Item
+from uvd.work import preprocess_item
 from uvd.runner import run_recipe
 from plain_run import run_plain
 
@@ -86,10 +90,20 @@ def test_coco_pose_over_image_and_task_selection(annotated):
 
 
 def test_dense_edges_computed_with_canny(annotated):
-    sentences, rejects, _, pixels = run_plain(recipe("dense_annotations", annotated, "sentence.edges_from=canny"))
+    job = recipe("dense_annotations", annotated, "sentence.edges_from=canny", "sentence.canny_low=50", "sentence.canny_high=150")
+    sentences, rejects, _, pixels = run_plain(job)
     assert Counter(s.task for s in sentences)["edges"] == 2
     assert not any(r.reason == "bad_annotation" for r in rejects)  # the broken edge file is not read
-    assert set(np.unique(pixels["dense/images/000000.png#edges"])) <= set(range(256))
+    # the reference: OpenCV's Canny on the image as PIL decodes it, white edges on black, then the shared resize
+    with Image.open(Path(annotated["dense"]["path"]) / "images" / "000000.png") as img:
+        gray = np.asarray(img.convert("RGB").convert("L"))
+    edges = cv2.Canny(gray, 50, 150)
+    assert 0 < (edges > 0).mean() < 0.5  # a real edge map, neither empty nor everything
+    expected, *_ = preprocess_item(Item("ref", array=np.repeat(edges[..., None], 3, axis=2)), job.image, job.filters)
+    got = pixels["dense/images/000000.png#edges"]
+    assert np.array_equal(got, expected)
+    other_thresholds = cv2.Canny(gray, 100, 200)
+    assert not np.array_equal(edges, other_thresholds)  # so the options, not the defaults, made `got`
 
 
 def test_derived_pairs_are_deterministic_and_epochs_repair(annotated):

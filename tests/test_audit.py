@@ -1,5 +1,6 @@
 """The data-mix audit: its numbers against counts taken straight from the shards, drift
 detection against a target mix, the Ray pass, and a self-contained HTML report."""
+import html as html_lib
 import json
 import re
 from collections import Counter
@@ -15,6 +16,7 @@ from uvd import manifest as M
 from uvd.audit import SIDE_EDGES, collect, load_target, run_audit, shard_partial
 from uvd.cli import main
 from uvd.recipe import load_recipe
+from uvd.records import REASONS
 from uvd.runner import run_recipe
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -83,6 +85,7 @@ def test_counts_equal_the_shards(runs, audit):
         for reason, v in entry["rejected_by_reason"].items():
             keys = {r["key"] for r in rejects if r["reason"] == reason}
             assert 1 <= len(v["examples"]) <= 3 and {x["key"] for x in v["examples"]} <= keys
+            assert v["meaning"] == REASONS[reason] != ""  # the registered one-line meaning
     assert audit["by_source"]["imagenet_groups"]["structure"]["meta_values"]["k"]
     assert audit["totals"]["rejected"] == sum(audit["rejected_by_reason"].values())
 
@@ -159,6 +162,8 @@ def test_html_report_is_self_contained(runs, tmp_path, capsys):
     assert "UNTRAINED" in html and "<svg" in html
     for name in ("Token share", "Rejected inputs", "Input image sizes", "Codebook usage", "Sample sentences"):
         assert name in html
+    rejected = {r for run in M.find_runs(runs) for r in M.read_rejects(run).column("reason").to_pylist()}
+    assert rejected and all(html_lib.escape(REASONS[r]) in text for r in rejected)  # each reason's meaning in its row
     total, _ = collect(runs)
     assert f"{sum(t['tokens'] for s in total.sources.values() for t in s.tasks.values()):,}" in html
 

@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from conftest import TEST_OVERRIDES
 from pipelines import coco_masks, render
 from pipelines import pairing as P
-from pipelines.render import AnnotationError
+from uvd.records import RejectError
 from plain_run import run_plain
 from uvd.recipe import load_recipe
 from uvd.registry import get_source
@@ -82,7 +82,7 @@ def test_polygon_parts_match_an_independent_rasterization():
     ],
 )
 def test_malformed_masks_are_refused_with_their_reason(segmentation, reason):
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(RejectError) as err:
         coco_masks.annotation_mask(segmentation, 10, 12)
     assert err.value.reason == reason
 
@@ -104,7 +104,7 @@ def test_semantic_labels_map_sorted_category_ids_crowd_and_paint_order():
     assert coco_masks.semantic_labels([boxes_only], index, 40, 50) is None
     rendered = render.render_segmentation(labels)
     assert tuple(rendered[35, 45]) == (0, 0, 0) and tuple(rendered[5, 5]) == tuple(render.PALETTE[3])
-    with pytest.raises(AnnotationError, match="unknown category_id"):
+    with pytest.raises(RejectError, match="unknown category_id"):
         coco_masks.semantic_labels([{**small, "category_id": 2}], index, 40, 50)
 
 

@@ -239,18 +239,20 @@ def test_bad_arguments_raise_value_error(tmp_path):
 
 
 def _reason_codes() -> dict[str, str]:
-    """Every reject reason the project declares as a constant: value -> where."""
-    import ast
-    from pathlib import Path
+    """Every registered reject reason (uvd.records.REASONS) -> the constant that holds it."""
+    import importlib
+    import pkgutil
 
-    root = Path(__file__).resolve().parents[1]
+    import pipelines
+    from uvd import records as R
+
+    modules = [R, *(importlib.import_module(f"pipelines.{m.name}") for m in pkgutil.iter_modules(pipelines.__path__) if not m.ispkg)]
     codes = {}
-    for path in [root / "uvd" / "records.py", *sorted((root / "pipelines").glob("*.py"))]:
-        for node in ast.parse(path.read_text()).body:
-            if (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                    and node.targets[0].id.isupper() and isinstance(node.value, ast.Constant)
-                    and isinstance(node.value.value, str) and re.fullmatch(r"[a-z]+(_[a-z]+)+", node.value.value)):
-                codes[node.value.value] = f"{path.stem}.{node.targets[0].id}"
+    for module in modules:
+        for name, value in vars(module).items():
+            if name.isupper() and isinstance(value, str) and value in R.REASONS:
+                codes.setdefault(value, f"{module.__name__.rpartition('.')[2]}.{name}")
+    assert set(codes) == set(R.REASONS)  # each code has a constant to import
     return codes
 
 

@@ -3,7 +3,7 @@
 Seeded and small (a few thousand inputs, ~2 s): truncations at every offset class, random byte
 flips, header fields overwritten with extreme values, and chunk/marker boundaries, over JPEG,
 PNG, WebP, GIF and BMP files of many pixel modes. Each input must give a 256x256 RGB image or
-an `ImageRejected` with a known reason, and `preprocess_batch` must account for every row.
+an `RejectError` with a known reason, and `preprocess_batch` must account for every row.
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import pytest
 from PIL import Image
 
 from uvd import records as R
-from uvd.images import UNSUPPORTED_MODE, ImageRejected, decode_file, preprocess_batch
+from uvd.images import decode_file, preprocess_batch
+from uvd.records import UNSUPPORTED_MODE, RejectError
 from uvd.recipe import FilterOptions, ImageOptions
 
 REASONS = {
@@ -146,7 +147,7 @@ def test_no_exception_leaves_the_decoder(corpus):
     for name, data in corpus:
         try:
             decoded = decode_file(data, OPTIONS, FILTERS)
-        except ImageRejected as err:
+        except RejectError as err:
             assert err.reason in REASONS, (name, err.reason, err.detail)
             assert err.detail, name
             outcomes[err.reason] += 1
@@ -181,7 +182,7 @@ def test_preprocess_batch_accounts_for_every_row(corpus):
 def test_jpeg_cut_after_8_bytes_is_truncated():
     data = seed_files()["jpeg_rgb"]
     for cut in (3, 8, 12, 20):
-        with pytest.raises(ImageRejected) as err:
+        with pytest.raises(RejectError) as err:
             decode_file(data[:cut], OPTIONS, FILTERS)
         assert err.value.reason == R.TRUNCATED_IMAGE, (cut, err.value.detail)
 
@@ -190,7 +191,7 @@ def test_png_cut_inside_ihdr_is_truncated():
     data = seed_files()["png_rgb"]
     assert data[12:16] == b"IHDR"
     for cut in range(8, 33):  # after the signature, through the end of IHDR
-        with pytest.raises(ImageRejected) as err:
+        with pytest.raises(RejectError) as err:
             decode_file(data[:cut], OPTIONS, FILTERS)
         assert err.value.reason == R.TRUNCATED_IMAGE, (cut, err.value.detail)
 
@@ -199,10 +200,10 @@ def test_cut_signatures_of_each_format_are_truncated_not_foreign():
     files = seed_files()
     for name in ("gif", "bmp_rgb", "webp_lossy"):
         data = files[name]
-        with pytest.raises(ImageRejected) as err:
+        with pytest.raises(RejectError) as err:
             decode_file(data[:10], OPTIONS, FILTERS)
         assert err.value.reason == R.TRUNCATED_IMAGE, name
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_file(b"GIF is a nice format, says this text file", OPTIONS, FILTERS)
     assert err.value.reason == R.NOT_AN_IMAGE
 
@@ -225,7 +226,7 @@ def test_each_exception_class_a_decoder_raises_is_a_reject(monkeypatch, error, s
         monkeypatch.setattr(Image, "open", fail)
     else:
         monkeypatch.setattr(ImageFile.ImageFile, "load", fail)
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_file(seed_files()["png_rgb"], OPTIONS, FILTERS)
     expected = {
         "open": R.CORRUPT_IMAGE,

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from uvd import records as R
-from uvd.images import ImageRejected, decode_image, preprocess_batch
+from uvd.images import decode_image, preprocess_batch
+from uvd.records import RejectError
 from uvd.recipe import FilterOptions, ImageOptions
 
 
@@ -71,25 +72,25 @@ def test_grayscale_and_rgba_become_rgb():
     ],
 )
 def test_bad_bytes_are_classified(make, reason):
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_image(make(), ImageOptions(), FilterOptions())
     assert err.value.reason == reason
 
 
 def test_decompression_bomb_is_refused_from_the_header():
     data = png(np.zeros((600, 600, 3), np.uint8))
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_image(data, ImageOptions(max_pixels=500 * 500), FilterOptions())
     assert err.value.reason == R.DECOMPRESSION_BOMB
 
 
 def test_filters():
     small = png(np.zeros((40, 100, 3), np.uint8))
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_image(small, ImageOptions(), FilterOptions(min_side=64))
     assert err.value.reason == R.TOO_SMALL
     wide = png(np.zeros((100, 500, 3), np.uint8))
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         decode_image(wide, ImageOptions(), FilterOptions(max_aspect=3.0))
     assert err.value.reason == R.BAD_ASPECT
     assert decode_image(wide, ImageOptions(), FilterOptions())[0].shape == (256, 256, 3)
@@ -171,9 +172,10 @@ def test_every_accepted_mode_matches_a_numpy_reference(mode):
 
 
 def test_unsupported_mode_is_a_reject():
-    from uvd.images import UNSUPPORTED_MODE, to_rgb
+    from uvd.images import to_rgb
+    from uvd.records import UNSUPPORTED_MODE
 
-    with pytest.raises(ImageRejected) as err:
+    with pytest.raises(RejectError) as err:
         to_rgb(Image.new("HSV", (4, 4)))
     assert err.value.reason == UNSUPPORTED_MODE
 

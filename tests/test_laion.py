@@ -21,7 +21,7 @@ from pipelines import laion as L
 from pipelines.laion import LaionSource
 from pipelines.laion_shards import split_key, tar_samples
 from uvd import records as R
-from uvd.images import TOO_LARGE
+from uvd.records import TOO_LARGE
 from uvd.recipe import recipe_from_dict
 
 

@@ -25,14 +25,28 @@ def test_special_ids_are_reserved():
     assert VOCAB_SIZE == 8292 and PAD_ID == 8192 and BOS_ID == 8193 and EOS_ID == 8194
 
 
+def config_param_count(c: ModelConfig) -> int:
+    """LLaMA's parameter count from the config alone: attention (q, o: dim x heads*hd; k, v: dim x
+    kv_heads*hd), SwiGLU (3 x dim x ffn), two RMSNorms per block, untied embedding and head, final norm."""
+    hd = c.dim // c.num_heads
+    per_layer = 2 * c.dim * c.num_heads * hd + 2 * c.dim * c.num_kv_heads * hd + 3 * c.dim * c.ffn_dim + 2 * c.dim
+    return 2 * c.vocab_size * c.dim + c.num_layers * per_layer + c.dim
+
+
 def test_lvm_sizes_have_the_published_parameter_counts():
     expected = {"lvm_300m": 300e6, "lvm_600m": 600e6, "lvm_1b": 1.1e9, "lvm_3b": 3.4e9, "lvm_7b": 6.7e9}
-    for name, params in expected.items():
+    for name in MODEL_SIZES:
         c = model_config(name)
-        per_layer = 4 * c.dim * c.dim + 3 * c.dim * c.ffn_dim + 2 * c.dim
-        total = 2 * c.vocab_size * c.dim + c.num_layers * per_layer + c.dim
-        assert abs(total - params) / params < 0.15, (name, total)
-    assert set(MODEL_SIZES) >= {"tiny", "lvm_300m", "lvm_600m", "lvm_1b", "lvm_3b", "lvm_7b"}
+        with torch.device("meta"):  # the real modules, no memory for the weights
+            model = LLaMA(c)
+        counted = sum(p.numel() for p in model.parameters())
+        assert counted == config_param_count(c) == model.num_params(), name  # exact: 0 tolerance
+        if name in expected:  # and close to what the LVM paper calls each size
+            assert abs(counted - expected[name]) / expected[name] < 0.15, (name, counted)
+    assert set(MODEL_SIZES) >= {"tiny", *expected}
+    gqa = model_config("tiny", num_kv_heads=2)
+    with torch.device("meta"):
+        assert sum(p.numel() for p in LLaMA(gqa).parameters()) == config_param_count(gqa) < config_param_count(model_config("tiny"))
 
 
 def test_forward_backward_shapes_and_grads():

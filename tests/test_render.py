@@ -1,9 +1,11 @@
 """Each renderer against the pixels it must produce."""
+import colorsys
+
 import numpy as np
 import pytest
 
 from pipelines import render
-from pipelines.render import AnnotationError
+from uvd.records import RejectError
 
 
 def test_segmentation_palette_is_fixed_and_ignore_is_black():
@@ -17,7 +19,7 @@ def test_segmentation_palette_is_fixed_and_ignore_is_black():
     assert len({tuple(c) for c in render.PALETTE[:255]}) == 255  # every class its own color
     other = render.render_segmentation(np.full((4, 4), 7, np.int32), ignore_label=7)
     assert not other.any()
-    with pytest.raises(AnnotationError, match="0..255") as err:
+    with pytest.raises(RejectError, match="0..255") as err:
         render.render_segmentation(np.array([[300]], np.int32))
     assert err.value.reason == render.BAD_ANNOTATION
 
@@ -32,12 +34,21 @@ def test_detection_box_outline_in_category_color():
     for y, x in [(19, 30), (50, 30), (35, 9), (35, 50), (35, 30), (22, 12)]:
         assert tuple(out[y, x]) == (50, 50, 50), (y, x)
     assert (image == 50).all()  # the input is not modified
-    assert render.category_color(1) != render.category_color(2) != render.category_color(3)
+
+
+
+def test_category_colors_are_distinct_and_the_golden_ratio_hue():
+    colors = [render.category_color(i) for i in range(1, 101)]
+    assert len(set(colors)) == 100  # every COCO category id (1..90) gets its own color
+    for i in (1, 2, 3, 50, 90):
+        hue = (i * (5 ** 0.5 - 1) / 2) % 1.0  # the golden-ratio step, reference HSV -> RGB from colorsys
+        reference = colorsys.hsv_to_rgb(int(hue * 180) / 180, 1.0, 1.0)
+        assert np.abs(np.array(render.category_color(i)) - 255 * np.array(reference)).max() <= 1, i
 
 
 @pytest.mark.parametrize("box", [[100, 20, 40, 30], [-5, 0, 10, 10], [0, 0, 0, 5], [1, 2, 3]])
 def test_out_of_range_box_is_refused(box):
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(RejectError) as err:
         render.render_detection(np.zeros((100, 120, 3), np.uint8), [(box, 1)])
     assert err.value.reason == render.BAD_BOX
 
@@ -75,7 +86,7 @@ def test_pose_min_visibility_and_background():
 
 @pytest.mark.parametrize("kp", [_keypoints({6: (260, 40, 2)}), [1, 2, 2], _keypoints({6: (10, 10, 3)})])
 def test_bad_keypoints_are_refused(kp):
-    with pytest.raises(AnnotationError) as err:
+    with pytest.raises(RejectError) as err:
         render.render_pose([kp], 200, 200)
     assert err.value.reason == render.BAD_KEYPOINTS
 
@@ -89,7 +100,7 @@ def test_depth_near_is_bright_and_missing_is_black():
     assert tuple(color[1, 1]) == (0, 0, 0) and color[0, 0].sum() > color[1, 0].sum()
     nan = render.render_depth(np.array([[1.0, np.nan]]))
     assert not nan[0, 1].any()
-    with pytest.raises(AnnotationError):
+    with pytest.raises(RejectError):
         render.render_depth(np.zeros((3, 3)))
 
 
@@ -103,7 +114,7 @@ def test_normals_map_unit_vectors_to_rgb():
     assert tuple(out[1, 0]) == (128, 0, 128) and tuple(out[1, 1]) == (0, 0, 0)
     rgb = np.full((2, 2, 3), 77, np.uint8)
     assert (render.render_normals(rgb) == 77).all()
-    with pytest.raises(AnnotationError, match="unit"):
+    with pytest.raises(RejectError, match="unit"):
         render.render_normals(np.full((2, 2, 3), 0.2, np.float32))
 
 

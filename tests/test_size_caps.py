@@ -5,7 +5,7 @@ import pytest
 
 from pipelines.objaverse import ObjaverseSource
 from pipelines.video import VideoSource
-from uvd.images import TOO_LARGE
+from uvd.records import TOO_LARGE
 from uvd.recipe import recipe_from_dict
 
 

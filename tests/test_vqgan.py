@@ -179,6 +179,17 @@ def test_decode_tokens_and_bfloat16(pixels):
     assert tokens.shape == (2, 256) and tokens.dtype == np.uint16
     images = tokenizer.decode_tokens(tokens)
     assert images.shape == (2, 256, 256, 3) and images.dtype == np.uint8
+    # against float32, the same weights: bf16 picks the same nearest code for >= 90% of the patches
+    # (measured 96.7-97.3% on noise images; a code changes only where two codes are nearly tied) ...
+    reference = ImageTokenizer("test", dtype="float32")
+    assert tokenizer.info["dtype"] == "bfloat16" and tokenizer.info["weights_sha256"] == reference.info["weights_sha256"]
+    fp32_tokens = reference.encode_pixels(pixels)
+    agreement = (tokenizer.encode_pixels(pixels) == fp32_tokens).mean()
+    assert 0.9 <= agreement
+    # ... and decodes the same tokens to within 1 grey level on average (measured 0.25; max ~30 at a few pixels)
+    diff = np.abs(tokenizer.decode_tokens(fp32_tokens).astype(int) - reference.decode_tokens(fp32_tokens).astype(int))
+    assert diff.mean() <= 1.0 and np.percentile(diff, 99) <= 8
+    assert agreement < 1.0 or diff.max() > 0  # bf16 really ran: it is not bit-identical to float32
     with pytest.raises(ValueError, match="dtype"):
         ImageTokenizer("test", dtype="float16")
 

@@ -65,7 +65,8 @@ class SourceImages:
 
     def __iter__(self) -> Iterator[tuple[str, np.ndarray]]:
         """(key, (256, 256, 3) uint8) of this split and this rank, in input order."""
-        from uvd.images import ImageRejected, decode_image, resize_array
+        from uvd.records import RejectError
+        from uvd.work import preprocess_item  # the decode path of runs and tests/plain_run.py
 
         by_unit = len(self.units) >= self.world_size
         index = 0
@@ -83,11 +84,8 @@ class SourceImages:
                 if not by_unit and (index - 1) % self.world_size != self.rank:
                     continue
                 try:
-                    if item.array is not None:
-                        pixels = resize_array(item.array, recipe.image, recipe.filters)[0]
-                    else:
-                        pixels = decode_image(item.data, recipe.image, recipe.filters)[0]
-                except ImageRejected as err:
+                    pixels = preprocess_item(item, recipe.image, recipe.filters)[0]
+                except RejectError as err:
                     self.rejected[err.reason] = self.rejected.get(err.reason, 0) + 1
                     continue
                 yield key, pixels

@@ -19,12 +19,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from uvd import layout as L
-from uvd.records import DUPLICATE, ImageRecord, Reject, Sentence
+from uvd.records import DUPLICATE, DUPLICATE_KEY, ImageRecord, Reject, Sentence
 from uvd.shards import rejects_table, sentences_table, shard_kwargs, table_bytes
 from uvd.source import UnitImages
 from uvd.work import read_work
-
-DUPLICATE_KEY = "duplicate_key"  # two items of a unit with the same key (the second is rejected)
 
 
 def unit_rng(seed: int, unit: str) -> random.Random:

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from uvd import layout as L
 from uvd import manifest as M
 from uvd.config import read_yaml
+from uvd.records import reason_meaning
 
 log = logging.getLogger(__name__)
 
@@ -370,7 +371,8 @@ def audit_json(total: AuditPartial, runs: list[dict], root: str | Path, target: 
         entry["structure"] = {"meta_keys": dict(sorted(s.meta_keys.items())),
                               "meta_values": {k: dict(v.most_common()) for k, v in sorted(s.meta_values.items())}}
         entry["rejected"] = sum(s.rejected.values())
-        entry["rejected_by_reason"] = {r: {"count": n, "examples": s.reject_examples.get(r, [])} for r, n in sorted(s.rejected.items())}
+        entry["rejected_by_reason"] = {r: {"count": n, "meaning": reason_meaning(r), "examples": s.reject_examples.get(r, [])}
+                                       for r, n in sorted(s.rejected.items())}
         entry["input_sizes"] = {"images": int(s.side_hist.sum()), "short_side_hist": _hist(SIDE_EDGES, s.side_hist),
                                 "aspect_hist": _hist(ASPECT_EDGES, s.aspect_hist)}
         entry["codebook"] = codebook_stats(s.codes) if s.codes.any() else None

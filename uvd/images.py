@@ -2,7 +2,7 @@
 
 Every source goes through `preprocess_batch` (a Ray Data stage); `decode_image` is the
 single-image core, usable on its own. No exception a hostile file can raise in a decoder
-leaves this module: each becomes an `ImageRejected` with a reason (tests/test_fuzz.py).
+leaves this module: each becomes a `RejectError` with a reason (tests/test_fuzz.py).
 """
 from __future__ import annotations
 
@@ -19,15 +19,12 @@ from PIL import Image, UnidentifiedImageError
 
 from uvd import records as R
 from uvd.recipe import FilterOptions, ImageOptions
+from uvd.records import RejectError
 
 log = logging.getLogger(__name__)
 
 # We enforce our own pixel bound (recipe image.max_pixels) from the header, before decoding.
 Image.MAX_IMAGE_PIXELS = None
-
-# Reject reason of this module beyond uvd.records (to be unified there by the lead).
-UNSUPPORTED_MODE = "unsupported_mode"  # decodes to a pixel mode we do not convert (e.g. HSV, La)
-TOO_LARGE = "too_large"  # an input file or tar member over the recipe's byte limit, refused unread
 
 # What Pillow's decoders raise on hostile bytes (found by fuzzing mutated headers and
 # truncations of every format: tests/test_fuzz.py). ArithmeticError covers ZeroDivisionError
@@ -56,11 +53,8 @@ ORIENTATION_TRANSPOSE = {
 }
 
 
-class ImageRejected(Exception):
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
+# The name uvd/work.py still imports (owned by the runner work; to switch to RejectError there).
+ImageRejected = RejectError
 
 
 @dataclass
@@ -121,7 +115,7 @@ def _jpeg_has_frame_header(data: bytes) -> bool:
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open `data` (reading only its header), classifying every failure as a reject reason."""
     if not data:
-        raise ImageRejected(R.EMPTY_FILE, "zero bytes")
+        raise RejectError(R.EMPTY_FILE, "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -130,14 +124,14 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
     except DECODE_ERRORS as err:
         cut = header_cut_short(data)
         if cut:
-            raise ImageRejected(R.TRUNCATED_IMAGE, f"{cut} data ends inside its header ({len(data)} bytes)") from None
+            raise RejectError(R.TRUNCATED_IMAGE, f"{cut} data ends inside its header ({len(data)} bytes)") from None
         if isinstance(err, UnidentifiedImageError):
-            raise ImageRejected(R.NOT_AN_IMAGE, f"no image format recognised ({len(data)} bytes)") from None
-        raise ImageRejected(R.CORRUPT_IMAGE, f"unreadable header: {_describe(err)}") from None
+            raise RejectError(R.NOT_AN_IMAGE, f"no image format recognised ({len(data)} bytes)") from None
+        raise RejectError(R.CORRUPT_IMAGE, f"unreadable header: {_describe(err)}") from None
     if width <= 0 or height <= 0:
-        raise ImageRejected(R.CORRUPT_IMAGE, f"header gives size {width}x{height}")
+        raise RejectError(R.CORRUPT_IMAGE, f"header gives size {width}x{height}")
     if width * height > max_pixels:
-        raise ImageRejected(R.DECOMPRESSION_BOMB, f"{width}x{height} is over image.max_pixels={max_pixels}")
+        raise RejectError(R.DECOMPRESSION_BOMB, f"{width}x{height} is over image.max_pixels={max_pixels}")
     return img
 
 
@@ -170,7 +164,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         return Image.fromarray(np.repeat(gray[:, :, None], 3, axis=2))
     if img.mode in PILLOW_CONVERTED_MODES:
         return img.convert("RGB")
-    raise ImageRejected(UNSUPPORTED_MODE, f"pixel mode {img.mode!r} is not one of {', '.join(ACCEPTED_MODES)}")
+    raise RejectError(R.UNSUPPORTED_MODE, f"pixel mode {img.mode!r} is not one of {', '.join(ACCEPTED_MODES)}")
 
 
 def exif_orientation(img: Image.Image) -> int:
@@ -184,12 +178,12 @@ def exif_orientation(img: Image.Image) -> int:
     return value if isinstance(value, int) and value in ORIENTATION_TRANSPOSE else 1
 
 
-def _decode_error(err: BaseException) -> ImageRejected:
+def _decode_error(err: BaseException) -> RejectError:
     if isinstance(err, Image.DecompressionBombError):
-        return ImageRejected(R.DECOMPRESSION_BOMB, _describe(err))
+        return RejectError(R.DECOMPRESSION_BOMB, _describe(err))
     if isinstance(err, EOFError) or (isinstance(err, OSError) and "truncated" in str(err).lower()):
-        return ImageRejected(R.TRUNCATED_IMAGE, _describe(err))
-    return ImageRejected(R.CORRUPT_IMAGE, _describe(err))
+        return RejectError(R.TRUNCATED_IMAGE, _describe(err))
+    return RejectError(R.CORRUPT_IMAGE, _describe(err))
 
 
 def load_pixels(img: Image.Image, size: int, mode: str) -> tuple[np.ndarray, int, int, int]:
@@ -223,27 +217,27 @@ def load_pixels(img: Image.Image, size: int, mode: str) -> tuple[np.ndarray, int
             else:
                 img = img.resize((size, size), Image.BICUBIC, reducing_gap=3.0)
             pixels = np.asarray(img, dtype=np.uint8)
-    except ImageRejected:
+    except RejectError:
         raise
     except DECODE_ERRORS as err:
         raise _decode_error(err) from None
     if pixels.shape != (size, size, 3):
-        raise ImageRejected(R.CORRUPT_IMAGE, f"decoded to shape {pixels.shape}")
+        raise RejectError(R.CORRUPT_IMAGE, f"decoded to shape {pixels.shape}")
     return pixels, width, height, orientation
 
 
 def check_filters(width: int, height: int, filters: FilterOptions) -> None:
     short, long = min(width, height), max(width, height)
     if filters.min_side and short < filters.min_side:
-        raise ImageRejected(R.TOO_SMALL, f"{width}x{height}: shorter side below filters.min_side={filters.min_side}")
+        raise RejectError(R.TOO_SMALL, f"{width}x{height}: shorter side below filters.min_side={filters.min_side}")
     if filters.max_aspect and long / max(short, 1) > filters.max_aspect:
-        raise ImageRejected(
+        raise RejectError(
             R.BAD_ASPECT, f"{width}x{height}: aspect {long / max(short, 1):.2f} over filters.max_aspect={filters.max_aspect}"
         )
 
 
 def decode_file(data: bytes, image: ImageOptions, filters: FilterOptions) -> DecodedImage:
-    """Bytes of an image file -> a `DecodedImage`, or `ImageRejected` (never another exception)."""
+    """Bytes of an image file -> a `DecodedImage`, or `RejectError` (never another exception)."""
     img = open_image(data, image.max_pixels)
     check_filters(*img.size, filters)  # size and aspect do not depend on the orientation
     pixels, width, height, orientation = load_pixels(img, image.size, image.resize)
@@ -259,7 +253,7 @@ def decode_image(data: bytes, image: ImageOptions, filters: FilterOptions) -> tu
 def resize_array(array: np.ndarray, image: ImageOptions, filters: FilterOptions) -> tuple[np.ndarray, int, int]:
     """Decoded pixels (H, W, 3) uint8 -> ((size, size, 3) uint8, width, height)."""
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8 or 0 in array.shape:
-        raise ImageRejected(R.CORRUPT_IMAGE, f"expected (H, W, 3) uint8 pixels, got {array.shape} {array.dtype}")
+        raise RejectError(R.CORRUPT_IMAGE, f"expected (H, W, 3) uint8 pixels, got {array.shape} {array.dtype}")
     height, width = array.shape[:2]
     check_filters(width, height, filters)
     return load_pixels(Image.fromarray(array), image.size, image.resize)[:3]
@@ -299,7 +293,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], image: ImageOptions, filters:
                 if decoded.orientation != 1 and meta is not None:
                     meta[i] = _with_orientation(meta[i], decoded.orientation)
             hashes[i] = content_hash(data)
-        except ImageRejected as err:
+        except RejectError as err:
             reject[i], detail[i] = err.reason, err.detail
         except Exception as err:  # noqa: BLE001  a decoder failure DECODE_ERRORS missed: still one input's fault
             log.warning("item %s: unexpected %s while decoding", batch["key"][i], type(err).__name__)

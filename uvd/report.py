@@ -209,10 +209,10 @@ def _rejects(data: dict[str, Any]) -> str:
     for s, e in data["by_source"].items():
         for reason, r in e["rejected_by_reason"].items():
             examples = "; ".join(x["key"] + (f" ({x['detail']})" if x["detail"] else "") for x in r["examples"])
-            rows.append([s, reason, r["count"], examples])
+            rows.append([s, reason, r.get("meaning", ""), r["count"], examples])
     if not rows:
         return "<h2>Rejected inputs</h2><p>None.</p>"
-    return "<h2>Rejected inputs</h2>" + _table(["source", "reason", "count", "examples"], rows, left=2)
+    return "<h2>Rejected inputs</h2>" + _table(["source", "reason", "meaning", "count", "examples"], rows, left=3)
 
 
 def _sizes(data: dict[str, Any]) -> str:

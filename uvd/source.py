@@ -6,7 +6,8 @@ each unit on its own (`assembly = "unit"`: `assemble` gets one unit's tokenized 
 `self.rng` seeded from the recipe seed and the unit's name). A source whose sentences span
 units (`assembly = "global"`) instead implements `plan` (one task, from per-unit counts only,
 writes a plan under the run's `_uvd/plan/`) and `materialize` (per part, from that plan).
-Decode, resize, tokenize and write are shared and live elsewhere.
+Decode, resize, tokenize and write are shared and live elsewhere; what sources share for reading
+lives here too: `limit_items`, `IMAGE_SUFFIXES`, `files_by_stem`, `file_size_reject`, `chunk_units`/`split_chunk`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import glob
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator, Literal
 
-from uvd.records import ImageRecord, Item, Reject, Sentence
+from uvd.records import EMPTY_FILE, FILE_CLASH, TOO_LARGE, ImageRecord, Item, Reject, Sentence
 
 if TYPE_CHECKING:
     from uvd.recipe import Recipe
@@ -123,3 +124,69 @@ def split_chunk(unit: str) -> tuple[Path, int]:
     """`<root>::<start>` -> (root, start)."""
     root, _, start = unit.rpartition("::")
     return Path(root), int(start)
+
+
+# The image files every folder-reading source reads, in the order a webdataset sample's image
+# member is chosen (pipelines/laion_shards.py). All decode through uvd/images.py.
+IMAGE_SUFFIXES: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+def file_size_reject(path: Path, key: str, max_file_bytes: int) -> Item | None:
+    """The reject of a whole input file refused before any decoder sees it (empty, or over
+    limits.max_file_bytes), else None."""
+    size = path.stat().st_size
+    if size == 0:
+        return Item(key, reject=EMPTY_FILE, detail="zero bytes")
+    if size > max_file_bytes:
+        return Item(key, reject=TOO_LARGE, detail=f"{size} bytes over limits.max_file_bytes={max_file_bytes}")
+    return None
+
+
+def limit_items(items: Iterable[Item], max_items: int | None) -> Iterator[Item]:
+    """The first `max_items` of a reader's items (all of them with None). The reader is closed after
+    the last one taken, so it reads (and decodes, downloads, renders) nothing further."""
+    iterator = iter(items)
+    try:
+        if max_items is None:
+            yield from iterator
+            return
+        for _ in range(max_items):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+            yield item
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+
+
+def files_by_stem(folder: Path, suffixes: Iterable[str] | None = IMAGE_SUFFIXES,
+                  on_clash: Literal["error", "reject"] = "reject") -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """The files of `folder` (not recursive; a missing folder has none) with one of `suffixes` (any
+    suffix with None), by stem -> ({stem: file}, {stem: clashing files}). Several files of one stem
+    (`a.jpg`, `a.png`) are never resolved by keeping one: with on_clash="error" they raise ValueError
+    (the user's folder is ambiguous: for checks on the driver), with "reject" they are left out of
+    the first mapping and returned in the second, for the caller to reject each (`clash_rejects`)."""
+    if on_clash not in ("error", "reject"):
+        raise ValueError(f"on_clash: {on_clash!r} is not 'error' or 'reject'")
+    wanted = None if suffixes is None else {s.lower() for s in suffixes}
+    grouped: dict[str, list[Path]] = {}
+    if folder.is_dir():
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and (wanted is None or path.suffix.lower() in wanted):
+                grouped.setdefault(path.stem, []).append(path)
+    clashes = {stem: paths for stem, paths in grouped.items() if len(paths) > 1}
+    if clashes and on_clash == "error":
+        stem, paths = next(iter(clashes.items()))
+        raise ValueError(f"{folder}: {' and '.join(p.name for p in paths)} have the same name; pairs would be ambiguous")
+    return {stem: paths[0] for stem, paths in grouped.items() if len(paths) == 1}, clashes
+
+
+def clash_rejects(clashes: dict[str, list[Path]], key_prefix: str) -> Iterator[Item]:
+    """One rejected item (`file_clash`) for each file of `files_by_stem`'s clashes, keyed `<prefix>/<name>`."""
+    for stem, paths in sorted(clashes.items()):
+        names = ", ".join(p.name for p in paths)
+        for path in paths:
+            yield Item(f"{key_prefix}/{path.name}", reject=FILE_CLASH, detail=f"stem {stem!r} is shared by {names}")
