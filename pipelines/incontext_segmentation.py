@@ -26,13 +26,13 @@ from pipelines import pairing as P
 from pipelines import text as T
 from pipelines.coco import UNANNOTATED, _image_files, _parse_unit
 from uvd import records as R
-from uvd.records import Item, Reject, Sentence
+from uvd.records import Item, Reject, Sentence, reason
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
 TASK = "incontext_segmentation"
 MASK = "mask"  # the role of a class-mask item
-SMALL_REGION = "small_region"  # a class region below sentence.min_area (not rendered, not tokenized)
+SMALL_REGION = reason("small_region", "a class region below sentence.min_area (not rendered, not tokenized)")
 
 
 @dataclass

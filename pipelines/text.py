@@ -18,15 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from uvd.records import Sentence
+from uvd.records import Sentence, reason
 
 TEXT_OFFSET = 8292  # visual ids 0..8191, special ids 8192..8291 (model/config.py VOCAB_SIZE)
 MAX_ID = 65535  # the tokens column is list<uint16>
 
 # Reject reasons of the in-context sources.
-NO_CAPTION = "no_caption"  # an image without a (non-empty) caption
-EMPTY_TEXT = "empty_text"  # the text tokenizer made no ids of it
-NO_PARTNER = "no_partner"  # too few examples share its caption pool or class to fill a sentence
+NO_CAPTION = reason("no_caption", "an image without a (non-empty) caption")
+EMPTY_TEXT = reason("empty_text", "the text tokenizer made no ids of its text")
+NO_PARTNER = reason("no_partner", "too few examples share its caption pool or class to fill an in-context sentence")
 
 
 @dataclass
