@@ -205,3 +205,31 @@ def test_labels_files_are_the_runs_own(tmp_path):
     (run / L.LABELS_DIR / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="labels/notes.txt"):
         L.check_out_dir(run)
+
+
+def test_on_a_pairing_source_the_labeler_joins_its_task_list(ray_local, tmp_path):
+    """derived_pairs: the labeler's name is one more task beside colorization and inpainting, and
+    the multi-annotation tuples mix the derived images with the labeler's."""
+    from demo.world_annotated import build_photo_folder
+
+    photos = build_photo_folder(tmp_path / "photos", num_images=16)
+    recipe = labeled_recipe(tmp_path, photos["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.25}],
+                            "sentence.tuples=true", "sentence.epochs=1", source="derived_pairs", save=False)
+    out = tmp_path / "run"
+    run_recipe(recipe, out, progress=False)
+    rows = rows_of(out)
+    rejects = {r["key"]: r["reason"] for r in M.read_rejects(out).to_pylist()}
+    by_task: dict[str, list[dict]] = {}
+    for row in rows:
+        by_task.setdefault(row["task"], []).append(row)
+    assert set(by_task) == {"colorization", "inpainting", "edges", "multi_annotation"}
+    assert len(by_task["edges"]) == 16 // 8  # 16 photos: two 8-pair sentences
+    for row in by_task["edges"]:
+        assert row["images"][1::2] == [f"{k}#edges" for k in row["images"][0::2]]
+    roles = {k.split("#")[1] for row in by_task["multi_annotation"] for k in row["images"] if "#" in k}
+    assert roles == {"colorization", "inpainting", "edges"}
+    assert not (out / L.LABELS_DIR).exists()  # labelers.save is off
+    used = {k for row in rows for k in row["images"]}
+    inputs = [k for k in used if "#" not in k]
+    assert len(inputs) == 16 and all(f"{k}#edges" in used or f"{k}#edges" in rejects for k in inputs)
+    assert not used & set(rejects) and all("#edges" not in k for k in rejects)  # 16 photos: no remainder

@@ -153,6 +153,8 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
         if reject is not None:
             rejects.append(reject)
     writer.flush()
+    label_keys = {im.key for u in labels for im in u.images}
+    label_rejects = sum(r.key in label_keys for r in rejects)  # renderings left over: no input was bad
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
@@ -165,7 +167,8 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
     record = {"output_hash": output_hash, "part": part.index, "shards": writer.shards,
               "rejects": {"file": rejects_file, "count": len(rejects), "by_reason": dict(sorted(by_reason.items()))},
               "sentences": counts["sentences"], "images": counts["images"], "tokens": counts["tokens"],
-              "inputs": sum(len(u.images) for u in images) + len(rejects), "labels": num_labels,
+              "inputs": sum(len(u.images) for u in images) + len(rejects) - label_rejects, "labels": num_labels,
+              "label_rejects": label_rejects,
               "seconds": time.time() - start}
     L.write_json(run / L.WRITES_DIR / f"{part.name}.json", record)
     return record

@@ -502,6 +502,7 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
     shards: dict[str, dict] = {}
     rejects = {"files": [], "count": 0, "by_reason": {}}
     totals = {"sentences": 0, "images": 0, "tokens": 0, "rejected": 0, "inputs": 0}
+    label_rejects = 0  # labeler renderings no sentence used: listed as rejects, not judged as bad inputs
     for p in parts:
         ok, record = write_valid(out, p.index, output_hash, "exists")
         if not ok:
@@ -514,11 +515,12 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
         for k in ("sentences", "images", "tokens"):
             totals[k] += record[k]
         totals["inputs"] += record["inputs"]
+        label_rejects += record.get("label_rejects", 0)
     totals["rejected"] = rejects["count"]
     rejects["by_reason"] = dict(sorted(rejects["by_reason"].items()))
     manifest.update(shards=shards, rejects=rejects, totals=totals)
     M.write_manifest(out, manifest)
-    _check_early(recipe, out, totals["rejected"], totals["inputs"], final=True)
+    _check_early(recipe, out, totals["rejected"] - label_rejects, totals["inputs"], final=True)
     manifest["status"] = "complete"
     M.write_manifest(out, manifest)
     write_card(out, recipe, manifest)
@@ -543,13 +545,16 @@ def write_card(out: Path, recipe: Recipe, manifest: dict) -> None:
     """README.md: a Hugging Face dataset card, so `load_dataset(RUN)` reads the shards as-is."""
     t = manifest["totals"]
     tasks = sorted({task for c in manifest["shards"].values() for task in c.get("by_task", {})})
+    saved = recipe.labelers.save and recipe.labelers.models
+    labels_config = f'- config_name: labels\n  data_files: "{L.LABELS_DIR}/*.parquet"\n' if saved else ""
+    labelers = ", ".join(f"`{name}` ({info['kind']})" for name, info in manifest.get("labelers", {}).items())
     card = f"""---
 configs:
 - config_name: default
   data_files: "{L.DATA_DIR}/*.parquet"
 - config_name: rejects
   data_files: "{L.REJECTS_DIR}/*.parquet"
-tags:
+{labels_config}tags:
 - uvd
 - visual-sentences
 - vqgan-tokens
@@ -570,6 +575,7 @@ visual ids in [0, 8192), image after image, no special ids), `images` (provenanc
 | images | {t["images"]:,} |
 | tokens | {t["tokens"]:,} |
 | rejected inputs | {t["rejected"]:,} |
+| labelers | {labelers or "-"}{" (raw labels: the `labels` config)" if saved else ""} |
 | tokenizer | `{manifest["tokenizer"]["id"]}` ({"trained" if manifest["tokenizer"]["trained"] else "UNTRAINED: tokens carry no meaning"}) |
 | recipe hash | `{manifest["recipe_hash"]}` |
 
