@@ -60,6 +60,7 @@ DEMO_JOBS = [
     ("dense_annotations.yaml", lambda w: [f"inputs={w['annotated']['dense']['path']}"]),
     ("paired_folders.yaml", lambda w: [f"inputs={w['annotated']['paired']['path']}", "sentence.task=denoising"]),
     ("derived_pairs.yaml", lambda w: [f"inputs={w['annotated']['photos']['path']}"]),
+    ("semantic_folders.yaml", lambda w: [f"inputs={w['annotated']['ade20k']['path']}"]),
     ("video.yaml", lambda w: [f"inputs={w['media']['video']['path']}"]),
     ("objaverse.yaml", lambda w: [f"inputs={w['media']['meshes']['path']}"]),
     ("annotated_video.yaml", lambda w: [f"inputs={w['media']['annotated_video']['path']}"]),
