@@ -52,8 +52,8 @@ def build_world(root: Path, small: bool) -> dict:
 # (recipe file, overrides) for each source, given the sample world's manifest.
 DEMO_JOBS = [
     ("laion.yaml", lambda w: [f"inputs={w['laion']['path']}"]),
-    # the same shards with one labeler, the cheapest (Canny): `edges` pair sentences beside `single`
-    ("laion_labeled.yaml", lambda w: [f"inputs={w['laion']['path']}",
+    # the first shard again with one labeler, the cheapest (Canny): `edges` pair sentences beside `single`
+    ("laion_labeled.yaml", lambda w: [f"inputs={w['laion']['path']}", "limits.max_items=40",
                                       "labelers.models=[{name: edges, kind: edges, cpus_per_actor: 0.25}]"]),
     ("imagenet_groups.yaml", lambda w: [f"inputs={w['imagenet']['path']}"]),
     ("coco.yaml", lambda w: [f"inputs={w['annotated']['coco']['path']}"]),
