@@ -74,7 +74,7 @@ def rows_of(out: Path) -> list[dict]:
     return [row for name in sorted(manifest["shards"]) for row in pq.read_table(out / name).to_pylist()]
 
 
-def test_labelers_pair_beside_the_sources_own_sentences(labeled):
+def test_labelers_pair_beside_the_sources_own_sentences(labeled, laion_world):
     recipe, out, summary, _ = labeled
     rows = rows_of(out)
     rejects = M.read_rejects(out).to_pylist()
@@ -119,6 +119,8 @@ def test_labelers_pair_beside_the_sources_own_sentences(labeled):
     manifest = M.read_manifest(out)
     assert set(manifest["labelers"]) == {"edges", "depth"} and len(manifest["labelers"]["depth"]["weights_sha256"]) == 64
     assert summary.sentences == len(rows)
+    # renderings left over are listed as rejects but are no inputs: the reject rate sees the inputs only
+    assert manifest["totals"]["inputs"] == laion_world["items"] and manifest["totals"]["rejected"] == len(rejects)
 
 
 def test_label_tokens_are_the_saved_labels_rendered_and_canny_of_the_input(labeled, laion_world):
@@ -233,3 +235,13 @@ def test_on_a_pairing_source_the_labeler_joins_its_task_list(ray_local, tmp_path
     inputs = [k for k in used if "#" not in k]
     assert len(inputs) == 16 and all(f"{k}#edges" in used or f"{k}#edges" in rejects for k in inputs)
     assert not used & set(rejects) and all("#edges" not in k for k in rejects)  # 16 photos: no remainder
+
+
+def test_labeler_pools_must_leave_a_cpu_for_the_readers(ray_local, tmp_path, laion_world):
+    from uvd.runner import _pool_plans
+
+    fits = labeled_recipe(tmp_path, laion_world["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.5}])
+    assert [(p.where, p.use_gpu, p.num_actors) for p in _pool_plans(fits)] == [("tokenizer", False, 1), ("labelers.models[0]", False, 1)]
+    crowded = labeled_recipe(tmp_path, laion_world["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.75}])
+    with pytest.raises(ValueError, match=r"labelers\.models\[0\]\.num_actors: 1 actors x 0\.75 CPU .* beside the other pools' 0\.5"):
+        _pool_plans(crowded)
