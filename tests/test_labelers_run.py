@@ -245,3 +245,25 @@ def test_labeler_pools_must_leave_a_cpu_for_the_readers(ray_local, tmp_path, lai
     crowded = labeled_recipe(tmp_path, laion_world["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.75}])
     with pytest.raises(ValueError, match=r"labelers\.models\[0\]\.num_actors: 1 actors x 0\.75 CPU .* beside the other pools' 0\.5"):
         _pool_plans(crowded)
+
+
+def test_a_global_source_plans_without_the_renderings(ray_local, world, tmp_path):
+    """imagenet_groups plans its groups from per-unit counts: the renderings are not counted as
+    images of a category, never land in a group, and pair beside the groups per class folder."""
+    recipe = labeled_recipe(tmp_path, world["imagenet"]["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.25}],
+                            source="imagenet_groups", save=False)
+    out = tmp_path / "run"
+    run_recipe(recipe, out, progress=False)
+    rows = rows_of(out)
+    rejects = {r["key"]: r["reason"] for r in M.read_rejects(out).to_pylist()}
+    groups = [row for row in rows if row["task"].startswith("category_k")]
+    edges = [row for row in rows if row["task"] == "edges"]
+    assert groups and edges and all("#" not in k for row in groups for k in row["images"])
+    for row in edges:
+        assert row["images"][1::2] == [f"{k}#edges" for k in row["images"][0::2]]
+        assert len({k.split("/")[0] for k in row["images"]}) == 1  # pairs stay within a class folder (unit)
+    used = {k for row in rows for k in row["images"]}
+    assert not used & set(rejects)
+    record = L.read_json(out / L.PARTS_DIR / "000000.json", "record")
+    assert record["labelers"] == ["edges"]
+    assert all(rejects[k] in ("unused_remainder", "unpaired") for k in rejects if "#" in k)
