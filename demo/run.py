@@ -52,11 +52,15 @@ def build_world(root: Path, small: bool) -> dict:
 # (recipe file, overrides) for each source, given the sample world's manifest.
 DEMO_JOBS = [
     ("laion.yaml", lambda w: [f"inputs={w['laion']['path']}"]),
+    # the first shard again with one labeler, the cheapest (Canny): `edges` pair sentences beside `single`
+    ("laion_labeled.yaml", lambda w: [f"inputs={w['laion']['path']}", "limits.max_items=40",
+                                      "labelers.models=[{name: edges, kind: edges, cpus_per_actor: 0.25}]"]),
     ("imagenet_groups.yaml", lambda w: [f"inputs={w['imagenet']['path']}"]),
     ("coco.yaml", lambda w: [f"inputs={w['annotated']['coco']['path']}"]),
     ("dense_annotations.yaml", lambda w: [f"inputs={w['annotated']['dense']['path']}"]),
     ("paired_folders.yaml", lambda w: [f"inputs={w['annotated']['paired']['path']}", "sentence.task=denoising"]),
     ("derived_pairs.yaml", lambda w: [f"inputs={w['annotated']['photos']['path']}"]),
+    ("semantic_folders.yaml", lambda w: [f"inputs={w['annotated']['ade20k']['path']}"]),
     ("video.yaml", lambda w: [f"inputs={w['media']['video']['path']}"]),
     ("objaverse.yaml", lambda w: [f"inputs={w['media']['meshes']['path']}"]),
     ("annotated_video.yaml", lambda w: [f"inputs={w['media']['annotated_video']['path']}"]),
@@ -84,9 +88,9 @@ def run_demo(out: Path, small: bool = False, progress: bool = True, train_lvm: b
     with ray_session():  # one Ray for every recipe: run_recipe reuses the session that is up
         for recipe_file, job_overrides in demo_jobs(world):
             recipe = load_recipe(recipes_dir() / recipe_file, job_overrides + overrides)
-            summary = run_recipe(recipe, runs_dir / recipe.source, progress=progress)
+            summary = run_recipe(recipe, runs_dir / Path(recipe_file).stem, progress=progress)
             summaries.append(summary)
-            print(f"{recipe.source}: {summary.sentences} sentences, {summary.rejected} rejected, {summary.seconds:.1f} s")
+            print(f"{Path(recipe_file).stem}: {summary.sentences} sentences, {summary.rejected} rejected, {summary.seconds:.1f} s")
     stats = compute_stats(runs_dir)
     print()
     print(format_stats(stats))

@@ -60,7 +60,7 @@ class CocoOptions(P.PairingOptions):
 
 
 @register_source
-class CocoSource(Source):
+class CocoSource(P.PairsLabels, Source):
     name = "coco"
     Options = CocoOptions
     units_per_part = 1
@@ -205,7 +205,7 @@ class CocoSource(Source):
         return render.render_segmentation(P.fit_nearest(labels, self.recipe.image))
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
-        return P.assemble_annotated(units, self.options.tasks, self.options, self.rng)
+        return self.pair(units, self.options.tasks)
 
 
 def _parse_unit(unit: str) -> tuple[Path, int]:

@@ -53,7 +53,7 @@ class DenseOptions(P.PairingOptions):
 
 
 @register_source
-class DenseAnnotationsSource(Source):
+class DenseAnnotationsSource(P.PairsLabels, Source):
     name = "dense_annotations"
     Options = DenseOptions
     units_per_part = 1
@@ -131,7 +131,7 @@ class DenseAnnotationsSource(Source):
         return render.render_edges(array)
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
-        return P.assemble_annotated(units, self.options.tasks, self.options, self.rng)
+        return self.pair(units, self.options.tasks)
 
 
 def _images(root: Path) -> list[Path]:

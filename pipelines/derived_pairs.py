@@ -42,7 +42,7 @@ class DerivedOptions(P.PairingOptions):
 
 
 @register_source
-class DerivedPairsSource(Source):
+class DerivedPairsSource(P.PairsLabels, Source):
     name = "derived_pairs"
     Options = DerivedOptions
     units_per_part = 1
@@ -79,7 +79,7 @@ class DerivedPairsSource(Source):
             yield P.annotation_item(key, "inpainting", render.black_boxes(image, boxes))
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
-        return P.assemble_annotated(units, self.options.tasks, self.options, self.rng, derived_first=TASKS)
+        return self.pair(units, self.options.tasks, derived_first=TASKS)
 
 
 def _images(folder: Path) -> list[Path]:

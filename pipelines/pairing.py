@@ -11,6 +11,7 @@ and its annotations always lie in one unit, and pairs never cross units.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from pathlib import Path
 import io
@@ -153,6 +154,22 @@ def tuple_sentences(
             images = [group[r] for r in chosen]
             used.update(im.key for im in images)
             yield Sentence(TUPLE_TASK, images, meta={"annotation": list(chosen), "layout": "tuple", "epoch": 0})
+
+
+class PairsLabels:
+    """Mixin of the pairing sources: the run's labeler renderings (meta `pair`, `role` = the
+    labeler's name, as file annotations) join their task list, so labelers pair exactly like file
+    annotations and tuples mix both. The runner sets `label_tasks` before assembling."""
+
+    pairs_labels = True
+    label_tasks: tuple[str, ...] = ()
+    fixed_tasks: tuple[str, ...] = ()  # annotation roles the source always reads (beyond sentence.tasks)
+
+    def pair(self, units: Iterable[UnitImages], tasks: list[str], derived_first: tuple[str, ...] = ()) -> Iterator[Sentence | Reject]:
+        options = self.options
+        if len(self.label_tasks) >= 2 and not options.tuples:  # several labelers: m-tuples over them too
+            options = dataclasses.replace(options, tuples=True)
+        return assemble_annotated(units, [*tasks, *self.label_tasks], options, self.rng, derived_first)
 
 
 def unit_rng(rng, unit: str) -> random.Random:

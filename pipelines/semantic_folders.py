@@ -63,9 +63,10 @@ def find_dataset(root: Path, layout: str) -> tuple[str, Path]:
 
 
 @register_source
-class SemanticFoldersSource(Source):
+class SemanticFoldersSource(P.PairsLabels, Source):
     name = "semantic_folders"
     Options = SemanticFoldersOptions
+    fixed_tasks = (TASK,)
     units_per_part = 1
     input_hint = "ADE20K or Pascal VOC roots"
 
@@ -141,7 +142,7 @@ class SemanticFoldersSource(Source):
                     yield P.reject_item(f"{prefix}/{path.name}#{TASK}", P.MISSING_IMAGE, f"no images/{split}/{path.stem}.* for it")
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
-        return P.assemble_annotated(units, [TASK], self.options, self.rng)
+        return self.pair(units, [TASK])
 
 
 def _label_map(path: Path, shape: tuple[int, int], layout: str) -> np.ndarray:

@@ -5,6 +5,12 @@ the source assemble each unit (unit-local sources) or materialize the sentences 
 assigned to this part (sources whose sentences span units), writes the part's shards
 `data/<source>-<part>-<k>.parquet` and its rejects `rejects/<source>-<part>.parquet`, and
 last the part's write record (shards with counts, sizes and checksums): the commit point.
+
+Labeler renderings (`<key>#<name>`, meta role = the labeler's name) pair with their inputs like
+file annotations: a pairing source (`pairs_labels`, pipelines/pairing.py PairsLabels) gets them
+with its own images and the labeler names join its task list; any other source assembles its
+own images as always, and the labelers' pair sentences (8 pairs per labeler, tuples over several)
+are added beside them, unit by unit, its inputs counted once.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import pyarrow.parquet as pq
 
 from uvd import layout as L
 from uvd.records import DUPLICATE, DUPLICATE_KEY, ImageRecord, Reject, Sentence
+from uvd.registry import plugin
 from uvd.shards import rejects_table, sentences_table, shard_kwargs, table_bytes
 from uvd.source import UnitImages
 from uvd.work import read_work
@@ -40,15 +47,33 @@ def read_duplicates(run: Path, part: int) -> dict[int, str]:
     return out
 
 
-def part_images(run: Path, part: int, units: list[str], first_unit: int, dups: dict[int, str]
-                ) -> tuple[list[UnitImages], list[Reject]]:
-    """The part's work file -> tokenized images per unit (in reading order) and its rejects."""
+def part_images(run: Path, part: int, units: list[str], first_unit: int, dups: dict[int, str],
+                labels: list[str] | None = None) -> tuple[list[UnitImages], list[Reject]]:
+    """The part's work file -> its sources' tokenized images per unit (in reading order) and its
+    rejects; labeler renderings left out (`labels`: the labelers' names; default: the part record's)."""
+    if labels is None:
+        record = L.read_json(run / L.PARTS_DIR / f"{L.part_name(part)}.json", "a part record") or {}
+        labels = record.get("labelers") or []
+    images, rejects, _ = read_part(run, part, units, first_unit, dups, labels)
+    return images, rejects
+
+
+def is_label(image: ImageRecord, labels: list[str]) -> bool:
+    role = image.meta.get("role")
+    return role in labels and image.key == f"{image.meta.get('pair')}#{role}"
+
+
+def read_part(run: Path, part: int, units: list[str], first_unit: int, dups: dict[int, str], labels: list[str] = ()
+              ) -> tuple[list[UnitImages], list[Reject], list[UnitImages]]:
+    """The part's work file -> (the sources' images per unit, rejects, the labelers' renderings
+    per unit), each in reading order."""
     table = read_work(run, part)
     tokens = table.column("tokens").combine_chunks()
     flat = tokens.values.to_numpy(zero_copy_only=False).astype(np.uint16)
     offsets = tokens.offsets.to_numpy()
     cols = table.drop_columns(["tokens"]).to_pydict()
     by_unit: dict[int, list[ImageRecord]] = {}
+    labels_by_unit: dict[int, list[ImageRecord]] = {}
     rejects: list[Reject] = []
     for i, key in enumerate(cols["key"]):
         unit = units[cols["unit"][i] - first_unit]
@@ -58,10 +83,12 @@ def part_images(run: Path, part: int, units: list[str], first_unit: int, dups: d
             rejects.append(Reject(key, DUPLICATE, f"same bytes as {dups[cols['ordinal'][i]]}", unit))
         else:
             meta = json.loads(cols["meta"][i]) if cols["meta"][i] else {}
-            by_unit.setdefault(cols["unit"][i], []).append(ImageRecord(
-                key, flat[offsets[i]: offsets[i + 1]], cols["digest"][i].hex(), cols["width"][i], cols["height"][i], meta))
+            image = ImageRecord(key, flat[offsets[i]: offsets[i + 1]], cols["digest"][i].hex(), cols["width"][i],
+                                cols["height"][i], meta)
+            (labels_by_unit if labels and is_label(image, labels) else by_unit).setdefault(cols["unit"][i], []).append(image)
     unit_images = [UnitImages(u, by_unit.get(first_unit + j, [])) for j, u in enumerate(units)]
-    return unit_images, rejects
+    label_images = [UnitImages(u, labels_by_unit.get(first_unit + j, [])) for j, u in enumerate(units)]
+    return unit_images, rejects, label_images
 
 
 class ShardWriter:
@@ -115,14 +142,18 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
     start = time.time()
     run = Path(run_dir)
     dups = read_duplicates(run, part.index) if recipe.filters.dedup else {}
-    images, rejects = part_images(run, part.index, part.units, part.first_unit, dups)
+    names = recipe.labelers.names()
+    images, rejects, labels = read_part(run, part.index, part.units, part.first_unit, dups, names)
+    num_labels = sum(len(u.images) for u in labels)
     writer = ShardWriter(run, recipe.source, part.index, recipe.output, tokenizer_id)
-    for obj in _sentences(source, recipe, run, part, images):
+    for obj in _with_labels(source, recipe, run, part, images, labels, names):
         reject = obj if isinstance(obj, Reject) else writer.add(obj)
         if reject is not None:
             rejects.append(reject)
     writer.flush()
     _remove_stale_shards(run, recipe.source, part.index, len(writer.shards))
+    label_keys = {im.key for u in labels for im in u.images}
+    label_rejects = sum(r.key in label_keys for r in rejects)  # renderings left over: no input was bad
     by_reason: dict[str, int] = {}
     for r in rejects:
         by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
@@ -135,7 +166,9 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
     record = {"output_hash": output_hash, "part": part.index, "shards": writer.shards,
               "rejects": {"file": rejects_file, "count": len(rejects), "by_reason": dict(sorted(by_reason.items()))},
               "sentences": counts["sentences"], "images": counts["images"], "tokens": counts["tokens"],
-              "inputs": sum(len(u.images) for u in images) + len(rejects), "seconds": time.time() - start}
+              "inputs": sum(len(u.images) for u in images) + len(rejects) - label_rejects, "labels": num_labels,
+              "label_rejects": label_rejects,
+              "seconds": time.time() - start}
     L.write_json(run / L.WRITES_DIR / f"{part.name}.json", record)
     return record
 
@@ -147,6 +180,40 @@ def _remove_stale_shards(run: Path, source: str, part: int, num_shards: int) -> 
     while (run / L.shard_name(source, part, k)).is_file():
         (run / L.shard_name(source, part, k)).unlink()
         k += 1
+
+
+def _with_labels(source: Any, recipe: Any, run: Path, part: Any, images: list[UnitImages], labels: list[UnitImages],
+                 names: list[str]) -> Iterator[Sentence | Reject]:
+    """The source's sentences and the labelers' (see the module docstring); every image ends in a
+    sentence or a reject, an input used by either is never reported unused."""
+    if not names or not any(u.images for u in labels):
+        yield from _sentences(source, recipe, run, part, images)
+        return
+    if getattr(source, "pairs_labels", False):
+        source.label_tasks = tuple(names)
+        merged = [UnitImages(u.unit, u.images + lab.images) for u, lab in zip(images, labels)]
+        yield from _sentences(source, recipe, run, part, merged)
+        return
+    made = list(label_unit_sentences(recipe, images, labels, names))
+    used = {im.key for obj in made if isinstance(obj, Sentence) for im in obj.images}
+    for obj in _sentences(source, recipe, run, part, images):
+        if not (isinstance(obj, Reject) and obj.key in used):  # unused by the source, but in a labeler's sentence
+            yield obj
+    yield from made
+
+
+def label_unit_sentences(recipe: Any, images: list[UnitImages], labels: list[UnitImages], names: list[str]
+                         ) -> Iterator[Sentence | Reject]:
+    """Per unit: the labelers' pair sentences and tuples over its inputs (the labelers plug-in's
+    `label_sentences`, i.e. pipelines/pairing.py's pairing), with a unit RNG of their own."""
+    label_sentences = plugin("labelers").label_sentences
+    for unit_images, unit_labels in zip(images, labels):
+        if not unit_labels.images:
+            continue
+        pairs = {im.meta["pair"] for im in unit_labels.images}
+        inputs = [im for im in unit_images.images if im.key in pairs]
+        rng = random.Random(f"{recipe.seed}:labels:{Path(unit_images.unit).name}")
+        yield from label_sentences(UnitImages(unit_images.unit, inputs + unit_labels.images), names, rng)
 
 
 def _sentences(source: Any, recipe: Any, run: Path, part: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:

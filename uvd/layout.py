@@ -6,6 +6,7 @@ user's files safe.
     RUN/_recipe.yaml                    the resolved recipe
     RUN/data/<source>-<part>-<k>.parquet    shards (one row per sentence)
     RUN/rejects/<source>-<part>.parquet     every rejected input of that part, with its reason
+    RUN/labels/<source>-<part>.parquet      raw labeler outputs (only with `labelers.save: true`)
     RUN/_uvd/                           bookkeeping: lock, per-part records, token work files
 
 Every name read back from disk is checked against these patterns and must stay inside the run
@@ -29,6 +30,7 @@ RECIPE_FILE = "_recipe.yaml"
 CARD_FILE = "README.md"
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
+LABELS_DIR = "labels"
 META_DIR = "_uvd"
 LOCK_FILE = f"{META_DIR}/lock"
 PARTS_DIR = f"{META_DIR}/parts"  # phase 1 records: <part>.json, one per tokenized part
@@ -39,8 +41,10 @@ CARD_MARKER = "<!-- written by uvd -->"
 
 _SHARD_NAME = re.compile(r"data/[a-z][a-z0-9_]*-\d{6}-\d{3}\.parquet")
 _REJECTS_NAME = re.compile(r"rejects/[a-z][a-z0-9_]*-\d{6}\.parquet")
+_LABELS_NAME = re.compile(r"labels/[a-z][a-z0-9_]*-\d{6}\.parquet")
+_PATTERNS = {DATA_DIR: _SHARD_NAME, REJECTS_DIR: _REJECTS_NAME, LABELS_DIR: _LABELS_NAME}
 # Files a run folder may hold (for deciding whether a folder is "ours" before writing into it).
-_OWN_TOP = {MANIFEST, RECIPE_FILE, CARD_FILE, DATA_DIR, REJECTS_DIR, META_DIR}
+_OWN_TOP = {MANIFEST, RECIPE_FILE, CARD_FILE, DATA_DIR, REJECTS_DIR, LABELS_DIR, META_DIR}
 
 
 def part_name(index: int) -> str:
@@ -53,6 +57,10 @@ def shard_name(source: str, part: int, k: int) -> str:
 
 def rejects_name(source: str, part: int) -> str:
     return f"{REJECTS_DIR}/{source}-{part_name(part)}.parquet"
+
+
+def labels_name(source: str, part: int) -> str:
+    return f"{LABELS_DIR}/{source}-{part_name(part)}.parquet"
 
 
 def checked_name(run_dir: Path, name: str, kind: str) -> Path:
@@ -127,12 +135,9 @@ def foreign_entries(run_dir: Path) -> list[str]:
         name = entry.name
         if name not in _OWN_TOP and not (name.startswith(".") and name.endswith(".tmp")):
             foreign.append(name)
-        elif name == DATA_DIR and entry.is_dir():
-            foreign += [f"{DATA_DIR}/{p.name}" for p in entry.iterdir()
-                        if not _SHARD_NAME.fullmatch(f"{DATA_DIR}/{p.name}") and not p.name.endswith(".tmp")]
-        elif name == REJECTS_DIR and entry.is_dir():
-            foreign += [f"{REJECTS_DIR}/{p.name}" for p in entry.iterdir()
-                        if not _REJECTS_NAME.fullmatch(f"{REJECTS_DIR}/{p.name}") and not p.name.endswith(".tmp")]
+        elif name in _PATTERNS and entry.is_dir():
+            foreign += [f"{name}/{p.name}" for p in entry.iterdir()
+                        if not _PATTERNS[name].fullmatch(f"{name}/{p.name}") and not p.name.endswith(".tmp")]
         elif name == CARD_FILE and CARD_MARKER not in entry.read_text(errors="replace")[:4000]:
             foreign.append(name)
     return foreign
@@ -156,7 +161,7 @@ def clear_run(run_dir: Path) -> int:
 
     check_out_dir(run_dir)  # a folder with foreign files is never cleared
     count = 0
-    for sub, pattern in ((DATA_DIR, _SHARD_NAME), (REJECTS_DIR, _REJECTS_NAME)):
+    for sub, pattern in _PATTERNS.items():
         folder = run_dir / sub
         if folder.is_dir() and not folder.is_symlink():
             for path in folder.iterdir():

@@ -3,7 +3,8 @@
     uvd run recipes/laion.yaml --set inputs=/data/laion --set limits.max_items=1000
 
 A recipe has `source`, `inputs`, `seed`, and the sections `sentence` (the source's own
-layout options), `image`, `filters`, `tokenizer`, `output` and `limits`.
+layout options), `image`, `filters`, `tokenizer`, `output`, `limits` and `labelers` (models that
+annotate the input images in phase 1; their schema lives with the labelers plug-in).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any
 import yaml
 
 from uvd.config import apply_override, from_mapping, load_yaml_config  # noqa: F401  (re-exported: the loader lives in uvd/config.py)
-from uvd.registry import get_source
+from uvd.registry import get_source, plugin
 
 
 @dataclass
@@ -110,6 +111,44 @@ class LimitOptions:
 
 
 @dataclass
+class LabelerModel:
+    """One labeler of the `labelers.models` list (the plug-in's LabelerSpec, checked by it)."""
+
+    name: str  # its task name in sentences (a word: depth, edges, ...); its images are `<key>#<name>`
+    kind: str  # depth | normals | edges | segmentation | pose
+    weights: str | None = None  # local folder or file; nothing is downloaded
+    device: str = "auto"
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    batch_size: int = 16
+    num_actors: int | None = None  # actor pool size; default one per GPU, else one
+    cpus_per_actor: float = 0.5
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def identity(self) -> dict[str, Any]:
+        """What changes its labels (the weights' content is hashed by the runner, not their path)."""
+        return {"name": self.name, "kind": self.kind, "dtype": self.dtype, "options": self.options}
+
+
+@dataclass
+class LabelerOptions:
+    """`labelers`: models run on every input image in phase 1; their renderings are paired with
+    the inputs like file annotations (8-pair sentences per labeler, tuples over several)."""
+
+    save: bool = False  # also write the raw labels: labels/<source>-<part>.parquet
+    models: list[LabelerModel] = field(default_factory=list)
+
+    def validate(self, path: str) -> None:
+        if self.models:  # the plug-in owns the schema (kinds, devices, option names)
+            plugin("labelers").LabelersOptions.from_dict(dataclasses.asdict(self), path)
+
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def identity(self) -> dict[str, Any]:
+        return {"save": self.save, "models": [m.identity() for m in self.models]}
+
+
+@dataclass
 class Recipe:
     source: str
     inputs: list[str]
@@ -120,6 +159,7 @@ class Recipe:
     tokenizer: TokenizerOptions = field(default_factory=TokenizerOptions)
     output: OutputOptions = field(default_factory=OutputOptions)
     limits: LimitOptions = field(default_factory=LimitOptions)
+    labelers: LabelerOptions = field(default_factory=LabelerOptions)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -133,6 +173,10 @@ class Recipe:
         data["tokenizer"] = self.tokenizer.identity()
         data["output"].pop("keep_work")
         data["limits"].pop("max_reject_rate")  # judged on the result; raising it must not redo the work
+        data["labelers"] = {"save": self.labelers.save,
+                            "models": [{**m.identity(), "weights": m.weights} for m in self.labelers.models]}
+        if not self.labelers.models and not self.labelers.save:
+            data.pop("labelers")  # recipes without labelers keep the hash they had before the section existed
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def work_identity(self) -> dict[str, Any]:
@@ -140,7 +184,8 @@ class Recipe:
         hashed separately, by content); a work file made under another identity is redone."""
         return {"source": self.source, "seed": self.seed, "sentence": dataclasses.asdict(self.sentence),
                 "image": dataclasses.asdict(self.image), "filters": dataclasses.asdict(self.filters),
-                "tokenizer": {"seed": self.tokenizer.seed, "dtype": self.tokenizer.dtype}}
+                "tokenizer": {"seed": self.tokenizer.seed, "dtype": self.tokenizer.dtype},
+                **({"labelers": self.labelers.identity()} if self.labelers.models else {})}
 
 
 _SECTIONS = {
@@ -149,6 +194,7 @@ _SECTIONS = {
     "tokenizer": TokenizerOptions,
     "output": OutputOptions,
     "limits": LimitOptions,
+    "labelers": LabelerOptions,
 }
 _TOP_KEYS = ("source", "inputs", "seed", "sentence", *_SECTIONS)
 

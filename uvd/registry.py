@@ -16,6 +16,7 @@ PLUGIN_GROUP = "uvd.plugins"
 # name -> "module" (imported for the registrations it makes) or "module:attribute".
 PLUGINS: dict[str, str] = {
     "sources": "pipelines",  # importing it registers every source (register_source)
+    "labelers": "pipelines.labelers",  # LabelersOptions (the recipe section's schema), build_labeler, LabelerStage, pair_labels
     "tokenizer_stage": "tokenizer.encode:ImageTokenizer",  # the Ray stage's callable class
     "run_tokenizer": "tokenizer.runs:load_run_tokenizer",  # run folder -> the tokenizer that made its shards
     "demo_tokenizer": "tokenizer.checkpoints:demo_weights_dir",  # -> the bundled demo tokenizer's folder

@@ -4,7 +4,9 @@
 
 The source's units are cut into parts of consecutive units. Phase 1: one Ray task per part
 reads, decodes and resizes its items and tokenizes them on the encoder actors (one per GPU, or
-fractional-CPU actors), writing the part's work file and record under `_uvd/` (uvd/work.py).
+fractional-CPU actors), writing the part's work file and record under `_uvd/` (uvd/work.py);
+with `labelers`, each labeler is one more actor pool the part tasks feed their input images to
+(loaded once on the driver first, so a bad weights folder fails before any work).
 Dedup: digests partitioned by bucket, one task per bucket range (uvd/dedup.py). Planning, for
 sources whose sentences span units: one task, from counts only. Phase 2: one task per part
 assembles its sentences and writes its shards, rejects and record (uvd/assemble.py). The driver
@@ -14,6 +16,7 @@ task or driver leaves nothing partial visible and a rerun redoes only the missin
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,7 +30,7 @@ from uvd import layout as L
 from uvd import manifest as M
 from uvd.assemble import write_part, write_valid
 from uvd.recipe import Recipe
-from uvd.registry import get_source, get_tokenizer_stage
+from uvd.registry import get_source, get_tokenizer_stage, plugin
 from uvd.runtime import cluster_resources, ray_session
 from uvd.shards import SCHEMA_VERSION
 from uvd.source import Source
@@ -92,20 +95,40 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, 
         raise ValueError(f"inputs: {recipe.inputs} holds no input for source {recipe.source!r} "
                          f"(looked for {source.looks_for()})")
     tokenizer = get_tokenizer_stage().describe(**_tokenizer_kwargs(recipe))
+    labelers = describe_labelers(recipe, source)
     out.mkdir(parents=True, exist_ok=True)
     with L.RunLock(out):
         if overwrite:
             removed = L.clear_run(out)
             log.info("--overwrite: removed %d files of the previous run in %s", removed, out)
-        return _run_locked(recipe, source, units, tokenizer, out, address, progress, verify, start)
+        return _run_locked(recipe, source, units, tokenizer, out, address, progress, verify, start, labelers)
+
+
+def describe_labelers(recipe: Recipe, source: Source) -> dict[str, dict]:
+    """The recipe's labelers, each loaded once on the driver (CPU) before any work: a missing or
+    mismatched weights file is a ValueError naming it. -> {name: identity (kind, weights sha256, ...)}."""
+    if not recipe.labelers.models:
+        return {}
+    taken = {"input", *(getattr(recipe.sentence, "tasks", None) or []), *getattr(source, "fixed_tasks", ())}
+    if isinstance(getattr(recipe.sentence, "task", None), str):
+        taken.add(recipe.sentence.task)
+    for i, model in enumerate(recipe.labelers.models):
+        if model.name in taken:
+            raise ValueError(f"labelers.models[{i}].name: {model.name!r} is already an annotation of source "
+                             f"{recipe.source!r} (or the input role); give the labeler another name")
+    return plugin("labelers").describe([dataclasses.asdict(m) for m in recipe.labelers.models])
 
 
 def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dict, out: Path, address: str | None,
-                progress: bool, verify: bool, start: float) -> RunSummary:
+                progress: bool, verify: bool, start: float, labelers: dict[str, dict] | None = None) -> RunSummary:
     recipe_hash = recipe.hash()
-    # What determines the tokens of a part, and what determines the shards.
-    work_hash = _digest("work", recipe.work_identity(), tokenizer["weights_sha256"], tokenizer["config"])
-    output_hash = _digest("output", recipe_hash, tokenizer["weights_sha256"], tokenizer["config"])
+    labelers = labelers or {}
+    # What determines the tokens of a part, and what determines the shards (labelers: by their
+    # weights' content, kind, dtype and options, so a changed labeler redoes the work).
+    work_hash = _digest("work", recipe.work_identity(), tokenizer["weights_sha256"], tokenizer["config"],
+                        *([labelers] if labelers else []))
+    output_hash = _digest("output", recipe_hash, tokenizer["weights_sha256"], tokenizer["config"],
+                          *([labelers] if labelers else []))
     parts = make_parts(units, recipe.output.units_per_part or source.units_per_part)
     manifest = M.read_manifest(out) or {
         "schema_version": SCHEMA_VERSION, "source": recipe.source, "recipe_hash": recipe_hash,
@@ -122,6 +145,8 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         log.warning("tokenizer %s has UNTRAINED weights (no tokenizer.weights given): its tokens carry no meaning",
                     tokenizer["id"])
     manifest.update(status="running", units=len(units), parts=len(parts), shards={}, tokenizer=tokenizer)
+    if labelers:
+        manifest["labelers"] = labelers
     manifest.pop("failure", None)
     M.write_manifest(out, manifest)
     (out / L.RECIPE_FILE).write_text(recipe.to_yaml())
@@ -177,55 +202,129 @@ def _release_pools(actors: list) -> None:
         remove_placement_group(_POOL_GROUPS.pop())
 
 
-def _encoders(recipe: Recipe, tokenizer: dict) -> list:
-    """The encoder actor pool: one actor per GPU, or fractional-CPU actors that fit beside a reader."""
-    import ray
+@dataclass
+class _Pool:
+    """Where one actor pool goes: the encoder's, or a labeler's."""
 
+    where: str  # the recipe path its settings come from (for messages)
+    use_gpu: bool
+    num_actors: int
+    cpus_per_actor: float
+
+
+def _pool_plans(recipe: Recipe) -> list[_Pool]:
+    """The encoder pool, then one pool per labeler, checked against the cluster: GPU pools share
+    each GPU (one actor of every pool per GPU), CPU pools must leave one CPU for the readers."""
     resources = cluster_resources()
-    tok = recipe.tokenizer
     num_gpus = int(resources.get("GPU", 0))
     num_cpus = resources.get("CPU", 1)
-    use_gpu = tok.device == "cuda" or (tok.device == "auto" and num_gpus > 0)
-    if use_gpu and num_gpus == 0:
-        raise ValueError("tokenizer.device: cuda asked for, but the Ray cluster has no GPU")
-    num_actors = tok.num_actors or (num_gpus if use_gpu else 1)
-    if use_gpu and num_actors > num_gpus:
-        raise ValueError(f"tokenizer.num_actors: {num_actors} GPU actors, but the cluster has {num_gpus} GPU(s)")
-    if not use_gpu and num_actors * tok.cpus_per_actor > num_cpus - 1:
-        fit = int((num_cpus - 1) // tok.cpus_per_actor)
-        raise ValueError(f"tokenizer.num_actors: {num_actors} actors x {tok.cpus_per_actor} CPU do not fit the cluster's "
-                         f"{num_cpus:g} CPUs with one kept for reading; use at most {max(fit, 0)} (or lower "
-                         "tokenizer.cpus_per_actor)")
-    kwargs = dict(_tokenizer_kwargs(recipe), device="cuda" if use_gpu else "cpu",
-                  num_threads=None if use_gpu else max(1, int(num_cpus // (2 * num_actors))))
+    settings = [("tokenizer", recipe.tokenizer)] + [(f"labelers.models[{i}]", m) for i, m in enumerate(recipe.labelers.models)]
+    pools = []
+    for path, opts in settings:
+        use_gpu = opts.device == "cuda" or (opts.device == "auto" and num_gpus > 0)
+        if use_gpu and num_gpus == 0:
+            raise ValueError(f"{path}.device: cuda asked for, but the Ray cluster has no GPU")
+        num_actors = opts.num_actors or (num_gpus if use_gpu else 1)
+        if use_gpu and num_actors > num_gpus:
+            raise ValueError(f"{path}.num_actors: {num_actors} GPU actors, but the cluster has {num_gpus} GPU(s)")
+        pools.append(_Pool(path, use_gpu, num_actors, opts.cpus_per_actor))
+    cpu_pools = [p for p in pools if not p.use_gpu]
+    if sum(p.num_actors * p.cpus_per_actor for p in cpu_pools) > num_cpus - 1:
+        p = cpu_pools[-1]
+        others = sum(q.num_actors * q.cpus_per_actor for q in cpu_pools if q is not p)
+        fit = int(max(num_cpus - 1 - others, 0) // p.cpus_per_actor)
+        raise ValueError(f"{p.where}.num_actors: {p.num_actors} actors x {p.cpus_per_actor} CPU do not fit the cluster's "
+                         f"{num_cpus:g} CPUs with one kept for reading" + (f" beside the other pools' {others:g}" if others else "")
+                         + f"; use at most {max(fit, 0)} (or lower {p.where}.cpus_per_actor)")
+    return pools
+
+
+def _place(pool: _Pool, cls: type, args: tuple, gpu_share: float) -> list:
+    """Start a pool's actors: GPU actors take `gpu_share` of a GPU; fractional CPU actors are
+    packed onto as few nodes as possible (spread over nodes, their fractions would leave no node a
+    whole CPU for a reader task), in a placement group released with the pool."""
+    import ray
+
     options: dict[str, Any] = {}
-    if not use_gpu:
-        # Pack fractional CPU actors onto as few nodes as possible: spread over nodes, their
-        # fractions would leave no node a whole CPU for a reader task.
+    if not pool.use_gpu:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        group = placement_group([{"CPU": tok.cpus_per_actor}] * num_actors, strategy="PACK")
+        group = placement_group([{"CPU": pool.cpus_per_actor}] * pool.num_actors, strategy="PACK")
         _POOL_GROUPS.append(group)
         options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(group)}
-    actor = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else tok.cpus_per_actor,
-                       max_restarts=-1, max_task_retries=3)(EncoderActor)
-    log.info("%d %s encoder actor(s)", num_actors, "GPU" if use_gpu else "CPU")
-    actors = [actor.options(**options).remote(get_tokenizer_stage(), kwargs) for _ in range(num_actors)]
+    actor = ray.remote(num_gpus=gpu_share if pool.use_gpu else 0, num_cpus=0 if pool.use_gpu else pool.cpus_per_actor,
+                       max_restarts=-1, max_task_retries=3)(cls)
+    return [actor.options(**options).remote(*args) for _ in range(pool.num_actors)]
+
+
+def _wait_placed(pool: _Pool, refs: list, what: str) -> None:
+    import ray
+
     # Place the pool before any reader: readers that took every CPU first would wait forever for it.
-    ready, pending = ray.wait([a.info.remote() for a in actors], num_returns=num_actors, timeout=600)
+    ready, pending = ray.wait(refs, num_returns=len(refs), timeout=600)
     if pending:
-        raise ValueError(f"tokenizer.num_actors: only {len(ready)} of {num_actors} encoder actors could be placed "
-                         "on the cluster in 10 minutes; lower tokenizer.num_actors or tokenizer.cpus_per_actor")
+        raise ValueError(f"{pool.where}.num_actors: only {len(ready)} of {len(refs)} {what} actors could be placed "
+                         f"on the cluster in 10 minutes; lower {pool.where}.num_actors or {pool.where}.cpus_per_actor")
+    ray.get(ready)  # a labeler that fails to load on its device raises here, before any part starts
+
+
+def _gpu_share(pools: list[_Pool]) -> float:
+    return 1.0 / max(1, sum(p.use_gpu for p in pools))
+
+
+def _encoders(recipe: Recipe, tokenizer: dict) -> list:
+    """The encoder actor pool: one actor per GPU, or fractional-CPU actors that fit beside a reader."""
+    pools = _pool_plans(recipe)
+    pool = pools[0]
+    num_cpus = cluster_resources().get("CPU", 1)
+    cpu_actors = sum(p.num_actors for p in pools if not p.use_gpu)
+    kwargs = dict(_tokenizer_kwargs(recipe), device="cuda" if pool.use_gpu else "cpu",
+                  num_threads=None if pool.use_gpu else max(1, int(num_cpus // (2 * cpu_actors))))
+    log.info("%d %s encoder actor(s)", pool.num_actors, "GPU" if pool.use_gpu else "CPU")
+    actors = _place(pool, EncoderActor, (get_tokenizer_stage(), kwargs), _gpu_share(pools))
+    _wait_placed(pool, [a.info.remote() for a in actors], "encoder")
     return actors
 
 
+def _labeler_pools(recipe: Recipe) -> dict[str, list]:
+    """One actor pool per labeler (LabelerWorker): name -> its actors, in the recipe's order."""
+    if not recipe.labelers.models:
+        return {}
+    pools = _pool_plans(recipe)
+    num_cpus = cluster_resources().get("CPU", 1)
+    cpu_actors = sum(p.num_actors for p in pools if not p.use_gpu)
+    worker = plugin("labelers").LabelerWorker
+    out: dict[str, list] = {}
+    for model, pool in zip(recipe.labelers.models, pools[1:]):
+        spec = dataclasses.asdict(model)
+        args = (spec, "cuda" if pool.use_gpu else "cpu", recipe.labelers.save,
+                None if pool.use_gpu else max(1, int(num_cpus // (2 * cpu_actors))))
+        log.info("labeler %s: %d %s actor(s)", model.name, pool.num_actors, "GPU" if pool.use_gpu else "CPU")
+        out[model.name] = _place(pool, worker, args, _gpu_share(pools))
+        _wait_placed(pool, [a.identity.remote() for a in out[model.name]], f"labeler {model.name!r}")
+    return out
+
+
+def _all_actors(encoders: list, labelers: dict[str, list]) -> list:
+    return list(encoders) + [a for pool in labelers.values() for a in pool]
+
+
 def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
-              summary: RunSummary, progress: bool, encoders: list | None = None, progress_actor: Any = None) -> None:
+              summary: RunSummary, progress: bool, encoders: list | None = None, progress_actor: Any = None,
+              labelers: dict[str, list] | None = None) -> None:
     import ray
 
     own_pool = encoders is None
-    encoders = encoders or _encoders(recipe, tokenizer)
+    if own_pool:
+        encoders, labelers = [], {}
+        try:
+            encoders = _encoders(recipe, tokenizer)
+            labelers = _labeler_pools(recipe)
+        except BaseException:
+            _release_pools(encoders)
+            raise
+    labelers = labelers or {}
     progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
     task = ray.remote(num_cpus=1, max_retries=3)(tokenize_part)
     seen = {"items": 0, "rejected": 0}
@@ -237,13 +336,14 @@ def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, wor
         _check_early(recipe, out, seen["rejected"], seen["items"], final=False)
 
     def submit(part: Part):
-        return task.remote(part, source_ref, recipe, str(out), _part_hash(work_hash, part), encoders, progress_actor)
+        return task.remote(part, source_ref, recipe, str(out), _part_hash(work_hash, part), encoders, progress_actor,
+                           labelers)
 
     try:
         _run_tasks(f"{recipe.source}: tokenize", parts, submit, done, progress, progress_actor=progress_actor)
     finally:
         if own_pool:
-            _release_pools(encoders)
+            _release_pools(_all_actors(encoders, labelers))
 
 
 def _tokenize_limited(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
@@ -261,20 +361,25 @@ def _limited_parts(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path
     import ray
 
     remaining = recipe.limits.max_items
-    encoders, progress_actor, used = None, None, []
-    for part in parts:
-        if remaining <= 0:
-            break
-        part.budget = remaining
-        if not work_valid(out, part.index, _part_hash(work_hash, part)):
-            encoders = encoders or _encoders(recipe, tokenizer)
-            progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
-            _tokenize([part], source_ref, recipe, out, work_hash, tokenizer, summary, progress, encoders, progress_actor)
-        record = L.read_json(out / L.PARTS_DIR / f"{part.name}.json", "a part record")
-        remaining -= record["items"]
-        used.append(part)
-    if encoders:
-        _release_pools(encoders)
+    encoders, labelers, progress_actor, used = None, {}, None, []
+    try:
+        for part in parts:
+            if remaining <= 0:
+                break
+            part.budget = remaining
+            if not work_valid(out, part.index, _part_hash(work_hash, part)):
+                if encoders is None:
+                    encoders = _encoders(recipe, tokenizer)
+                    labelers = _labeler_pools(recipe)
+                progress_actor = progress_actor or ray.remote(num_cpus=0)(Progress).remote()
+                _tokenize([part], source_ref, recipe, out, work_hash, tokenizer, summary, progress, encoders, progress_actor,
+                          labelers)
+            record = L.read_json(out / L.PARTS_DIR / f"{part.name}.json", "a part record")
+            remaining -= record["items"]
+            used.append(part)
+    finally:
+        if encoders:
+            _release_pools(_all_actors(encoders, labelers))
     return used
 
 
@@ -397,6 +502,7 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
     shards: dict[str, dict] = {}
     rejects = {"files": [], "count": 0, "by_reason": {}}
     totals = {"sentences": 0, "images": 0, "tokens": 0, "rejected": 0, "inputs": 0}
+    label_rejects = 0  # labeler renderings no sentence used: listed as rejects, not judged as bad inputs
     for p in parts:
         ok, record = write_valid(out, p.index, output_hash, "exists")
         if not ok:
@@ -409,11 +515,12 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
         for k in ("sentences", "images", "tokens"):
             totals[k] += record[k]
         totals["inputs"] += record["inputs"]
+        label_rejects += record.get("label_rejects", 0)
     totals["rejected"] = rejects["count"]
     rejects["by_reason"] = dict(sorted(rejects["by_reason"].items()))
     manifest.update(shards=shards, rejects=rejects, totals=totals)
     M.write_manifest(out, manifest)
-    _check_early(recipe, out, totals["rejected"], totals["inputs"], final=True)
+    _check_early(recipe, out, totals["rejected"] - label_rejects, totals["inputs"], final=True)
     manifest["status"] = "complete"
     M.write_manifest(out, manifest)
     write_card(out, recipe, manifest)
@@ -438,13 +545,16 @@ def write_card(out: Path, recipe: Recipe, manifest: dict) -> None:
     """README.md: a Hugging Face dataset card, so `load_dataset(RUN)` reads the shards as-is."""
     t = manifest["totals"]
     tasks = sorted({task for c in manifest["shards"].values() for task in c.get("by_task", {})})
+    saved = recipe.labelers.save and recipe.labelers.models
+    labels_config = f'- config_name: labels\n  data_files: "{L.LABELS_DIR}/*.parquet"\n' if saved else ""
+    labelers = ", ".join(f"`{name}` ({info['kind']})" for name, info in manifest.get("labelers", {}).items())
     card = f"""---
 configs:
 - config_name: default
   data_files: "{L.DATA_DIR}/*.parquet"
 - config_name: rejects
   data_files: "{L.REJECTS_DIR}/*.parquet"
-tags:
+{labels_config}tags:
 - uvd
 - visual-sentences
 - vqgan-tokens
@@ -465,6 +575,7 @@ visual ids in [0, 8192), image after image, no special ids), `images` (provenanc
 | images | {t["images"]:,} |
 | tokens | {t["tokens"]:,} |
 | rejected inputs | {t["rejected"]:,} |
+| labelers | {labelers or "-"}{" (raw labels: the `labels` config)" if saved else ""} |
 | tokenizer | `{manifest["tokenizer"]["id"]}` ({"trained" if manifest["tokenizer"]["trained"] else "UNTRAINED: tokens carry no meaning"}) |
 | recipe hash | `{manifest["recipe_hash"]}` |
 

@@ -4,6 +4,12 @@ and its record, all under `_uvd/`.
 
 One task per part of consecutive units. Items keep their input order (`ordinal`), and encoder
 batches are cut from that order, so the tokens never depend on which actor or node ran them.
+
+With `labelers` in the recipe, every kept input image (an item whose meta role is `input`, or
+has none) also goes to each labeler's actor pool, in chunks cut from the same order; each
+labeler's rendering becomes an extra item `<key>#<name>` (meta `{"pair": key, "role": name}`)
+placed right after its input, so its ordinal never depends on actor timing, and is tokenized
+like any item. With `labelers.save` the raw labels go to `labels/<source>-<part>.parquet`.
 """
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from uvd.shards import WORK_SCHEMA, table_bytes, uint16_lists
 log = logging.getLogger(__name__)
 
 MAX_BATCHES_IN_FLIGHT = 2  # per part task: decode the next batch while the encoder runs this one
+INPUT_ROLE = "input"  # the meta role of an input image (pipelines/pairing.py INPUT); only inputs are labeled
 DIGEST_BUCKETS = 1 << 16  # dedup partitions by the first two bytes of the digest
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
@@ -88,8 +95,9 @@ class EncoderActor:
 
 
 def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash: str, encoders: list,
-                  progress: Any = None) -> PartRecord:
-    """Ray task body: the part's work file + record; -> the record's counts."""
+                  progress: Any = None, labelers: dict[str, list] | None = None) -> PartRecord:
+    """Ray task body: the part's work file + record; -> the record's counts. `labelers`: name ->
+    that labeler's actor pool (LabelerWorker actors), in the recipe's order."""
     import ray
 
     start = time.time()
@@ -121,25 +129,87 @@ def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash:
         for row, t in zip(rows, tokens):
             cols["tokens"][row] = t
 
-    def add(unit_id: int, item: Item, reject: str = "", detail: str = "", pixels=None, size=(0, 0), digest=None):
+    def encode(row: int, pixels: np.ndarray) -> None:
+        batch_rows.append(row)
+        batch_pixels.append(pixels)
+        if len(batch_pixels) == recipe.tokenizer.batch_size:
+            submit()
+
+    # Labelers: kept rows wait in the current chunk (in ordinal order) until its labels are back.
+    names = list(labelers or {})
+    chunk_size = max((m.batch_size for m in recipe.labelers.models), default=1)
+    chunk: dict[str, Any] = {"rows": [], "pixels": {}, "inputs": [], "labels": []}
+    label_flight: deque = deque()
+    label_rows: set[int] = set()
+    saved: dict[str, list] = {"key": [], "input": [], "labeler": [], "label": []}
+
+    def dispatch() -> None:
+        nonlocal turn
+        refs = {}
+        if chunk["inputs"]:
+            pixels_ref = ray.put(np.stack([chunk["pixels"][r] for r in chunk["inputs"]]))
+            for name in names:
+                pool = labelers[name]
+                refs[name] = pool[turn % len(pool)].run.remote(pixels_ref)
+            turn += 1
+        label_flight.append((dict(chunk), refs))
+        chunk.update(rows=[], pixels={}, inputs=[], labels=[])
+        while len(label_flight) > MAX_BATCHES_IN_FLIGHT:
+            finish_chunk()
+
+    def finish_chunk() -> None:
+        done, refs = label_flight.popleft()
+        for j, name in enumerate(names):
+            if name not in refs:
+                continue
+            rendered, raw = ray.get(refs[name])
+            for i, (row, rows) in enumerate(zip(done["inputs"], done["labels"])):
+                done["pixels"][rows[j]] = rendered[i]
+                cols["digest"][rows[j]] = hashlib.sha256(np.ascontiguousarray(rendered[i]).tobytes()).digest()[:16]
+                if raw is not None:
+                    saved["key"].append(cols["key"][rows[j]])
+                    saved["input"].append(cols["key"][row])
+                    saved["labeler"].append(name)
+                    saved["label"].append(raw[i])
+        for row in done["rows"]:
+            encode(row, done["pixels"].pop(row))
+
+    def new_row(unit_id: int, key: str, meta: str, reject: str = "", detail: str = "", size=(0, 0), digest=None) -> int:
         cols["ordinal"].append(len(cols["key"]))
         cols["unit"].append(unit_id)
-        cols["key"].append(item.key)
+        cols["key"].append(key)
         cols["tokens"].append(np.zeros(0, np.uint16))
         cols["digest"].append(digest)
         cols["width"].append(size[0])
         cols["height"].append(size[1])
-        cols["meta"].append(json.dumps(item.meta, sort_keys=True) if item.meta and not reject else "")
+        cols["meta"].append(meta)
         cols["reject"].append(reject)
         cols["detail"].append(_ADDRESS.sub("", detail)[:300])  # "<... at 0x7f..>" would differ between runs
+        return len(cols["key"]) - 1
+
+    def add(unit_id: int, item: Item, reject: str = "", detail: str = "", pixels=None, size=(0, 0), digest=None):
+        meta = json.dumps(item.meta, sort_keys=True) if item.meta and not reject else ""
+        row = new_row(unit_id, item.key, meta, reject, detail, size, digest)
         if reject:
             record.rejected += 1
             record.by_reason[reject] = record.by_reason.get(reject, 0) + 1
+        elif not names:
+            encode(row, pixels)
         else:
-            batch_rows.append(len(cols["key"]) - 1)
-            batch_pixels.append(pixels)
-            if len(batch_pixels) == recipe.tokenizer.batch_size:
-                submit()
+            chunk["rows"].append(row)
+            chunk["pixels"][row] = pixels
+            if (item.meta or {}).get("role", INPUT_ROLE) != INPUT_ROLE:
+                return  # an annotation or target image: not labeled
+            chunk["inputs"].append(row)
+            rows = []
+            for name in names:  # right after its input: ordinals never depend on the actors
+                label_meta = json.dumps({"pair": item.key, "role": name}, sort_keys=True)
+                rows.append(new_row(unit_id, label_key(item.key, name), label_meta, size=(pixels.shape[1], pixels.shape[0])))
+            label_rows.update(rows)
+            chunk["rows"].extend(rows)
+            chunk["labels"].append(rows)
+            if len(chunk["inputs"]) == chunk_size:
+                dispatch()
 
     budget = part.budget
     for offset, unit in enumerate(part.units):
@@ -175,6 +245,10 @@ def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash:
             budget -= items
         record.items += items
         record.per_unit.append([unit_id, items, kept])
+    if chunk["rows"]:
+        dispatch()
+    while label_flight:
+        finish_chunk()
     if batch_pixels:
         submit()
     while in_flight:
@@ -182,15 +256,33 @@ def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash:
     if progress is not None:
         progress.add.remote(len(cols["key"]) - reported)
 
-    write_work(run, part, cols)
+    if recipe.labelers.save and names:
+        write_labels(run, L.labels_name(recipe.source, part.index), saved)
+    write_work(run, part, cols, label_rows)
     record.seconds = time.time() - start
-    L.write_json(run / L.PARTS_DIR / f"{part.name}.json", {"work_hash": work_hash, **record.__dict__,
+    L.write_json(run / L.PARTS_DIR / f"{part.name}.json", {"work_hash": work_hash, **record.__dict__, "labelers": names,
                                                            "units": part.units, "first_unit": part.first_unit})
     return record
 
 
-def write_work(run: Path, part: Part, cols: dict[str, list]) -> None:
-    """The work file (every row) and the digest file (kept rows, sorted by dedup bucket)."""
+def label_key(key: str, name: str) -> str:
+    """The key of labeler `name`'s rendering of input `key` (as pipelines/pairing.py's annotation_key)."""
+    return f"{key}#{name}"
+
+
+LABELS_SCHEMA = pa.schema([("key", pa.string()), ("input", pa.string()), ("labeler", pa.string()), ("label", pa.binary())])
+
+
+def write_labels(run: Path, name: str, saved: dict[str, list]) -> None:
+    """`labels/<source>-<part>.parquet`: one row per rendering (its key, its input's key, the
+    labeler's name, the raw label encoded as pipelines.labelers.encode_label writes it)."""
+    table = pa.table({k: pa.array(saved[k], LABELS_SCHEMA.field(k).type) for k in LABELS_SCHEMA.names}, schema=LABELS_SCHEMA)
+    L.atomic_write_bytes(run / name, table_bytes(table, compression="zstd"))
+
+
+def write_work(run: Path, part: Part, cols: dict[str, list], label_rows: set[int] = frozenset()) -> None:
+    """The work file (every row) and the digest file (kept rows, sorted by dedup bucket; labeler
+    renderings are left out: they are never duplicates of their own, only follow their input)."""
     table = pa.table(
         {
             "ordinal": pa.array(cols["ordinal"], pa.int32()),
@@ -208,7 +300,7 @@ def write_work(run: Path, part: Part, cols: dict[str, list]) -> None:
     )
     work = run / L.WORK_DIR
     L.atomic_write_bytes(work / f"{part.name}.parquet", table_bytes(table, compression="zstd"))
-    kept = [i for i, d in enumerate(cols["digest"]) if d is not None]
+    kept = [i for i, d in enumerate(cols["digest"]) if d is not None and i not in label_rows]
     digests = [cols["digest"][i] for i in kept]
     buckets = [int.from_bytes(d[:2], "big") for d in digests]
     order = sorted(range(len(kept)), key=lambda j: (buckets[j], digests[j]))

@@ -9,7 +9,10 @@
 
 `build_labeler(spec)` loads one (weights checked before any work); a labeler is called on
 (B, 256, 256, 3) uint8 pixels and returns one (256, 256, 3) uint8 rendering per image.
-`LabelerStage` runs several on a Ray Data batch (an actor pool's callable class).
+In a run (uvd/runner.py, uvd/work.py) each labeler is a Ray actor pool of `LabelerWorker`s fed
+from the part tasks; the runner finds this package through the `labelers` plug-in and pairs the
+renderings with their inputs with `label_sentences` (8-pair sentences per labeler, tuples over
+several). `LabelerStage` runs several on one Ray Data batch.
 """
 from __future__ import annotations
 
@@ -137,6 +140,56 @@ class LabelerStage:
         return {name: labeler.identity() for name, labeler in self.labelers.items()}
 
 
+class LabelerWorker:
+    """One labeler in a Ray actor (one per GPU, or a fractional-CPU actor): pixels in, renderings
+    (and, with `save`, the encoded raw labels) out."""
+
+    def __init__(self, spec: dict, device: str, save: bool = False, num_threads: int | None = None):
+        if num_threads:
+            import torch
+
+            torch.set_num_threads(num_threads)
+        self.labeler = build_labeler(spec, device)
+        self.save = save
+
+    def run(self, pixels: np.ndarray) -> tuple[np.ndarray, list[bytes] | None]:
+        labels = self.labeler.label(pixels)
+        rendered = np.stack([labeler_render(self.labeler, lab, img) for lab, img in zip(labels, pixels)]).astype(np.uint8)
+        return rendered, ([encode_label(lab) for lab in labels] if self.save else None)
+
+    def identity(self) -> dict:
+        return self.labeler.identity()
+
+
+def describe(specs: list[dict]) -> dict[str, dict]:
+    """On the driver, before any work: load each labeler on the CPU (so a missing or mismatched
+    weights file is a ValueError naming it) -> {name: identity (kind, weights sha256, dtype, options)}."""
+    out = {}
+    for i, spec in enumerate(specs):
+        try:
+            labeler = build_labeler({**spec, "device": "cpu"})
+        except ValueError as err:
+            raise ValueError(f"labelers.models[{i}] ({spec.get('name')}): {err}") from None
+        out[spec["name"]] = {**labeler.identity(), "dtype": spec.get("dtype", "auto")}
+        del labeler
+    return out
+
+
+def label_sentences(unit, names: list[str], rng, pairs_per_sentence: int = 8):
+    """A unit's labeler sentences, paired exactly like file annotations (pipelines/pairing.py):
+    `pairs_per_sentence`-pair sentences per labeler (`names` order) and, with two or more labelers,
+    one multi-annotation tuple per input. `unit` holds the inputs and the label images (meta
+    `pair`, `role`); yields Sentences, and Rejects for label images no sentence used (inputs are
+    accounted for by their source)."""
+    from pipelines.pairing import PairingOptions, assemble_unit
+
+    labels = {im.key for im in unit.images if im.meta.get("role") in names}
+    options = PairingOptions(pairs_per_sentence=pairs_per_sentence, tuples=len(names) >= 2)
+    for obj in assemble_unit(unit, list(names), options, rng):
+        if not hasattr(obj, "reason") or obj.key in labels:
+            yield obj
+
+
 def labeler_render(labeler: Labeler, label, image: np.ndarray) -> np.ndarray:
     return labeler.render(label, image) if isinstance(labeler, PoseLabeler) else labeler.render(label)
 
@@ -155,4 +208,5 @@ def decode_label(data: bytes) -> np.ndarray:
     return np.frombuffer(payload, dtype=np.dtype(dtype.decode())).reshape(dims)
 
 
-__all__ = ["LABELERS", "Labeler", "LabelerSpec", "LabelersOptions", "LabelerStage", "build_labeler", "encode_label", "decode_label"]
+__all__ = ["LABELERS", "Labeler", "LabelerSpec", "LabelersOptions", "LabelerStage", "LabelerWorker", "build_labeler", "describe",
+           "label_sentences", "encode_label", "decode_label"]
