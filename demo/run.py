@@ -46,7 +46,28 @@ def build_world(root: Path, small: bool) -> dict:
     world = build_demo_world(root / "images", seed=0, small=small)
     world["annotated"] = build_annotated_world(root / "annotated", seed=0)
     world["media"] = build_media_world(root / "media", seed=0)
+    world["text_tokenizer"] = build_text_tokenizer(root / "text" / "tokenizer.json")
     return world
+
+
+def build_text_tokenizer(path: Path) -> str:
+    """A byte-level BPE (the `tokenizers` library, GPT-2's kind) trained on the demo world's captions
+    and category names: the in-context recipes' text tokenizer; nothing is downloaded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from demo.world import CAPTION_STYLES, PHOTO_CAPTIONS
+    from demo.world_annotated import CATEGORIES
+
+    texts = [style.format(c) for c in PHOTO_CAPTIONS.values() for style in CAPTION_STYLES]
+    texts += [f"{c['name']} at [12, 40, 300, 512]" for c in CATEGORIES]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                                          initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path))
+    return str(path)
 
 
 # (recipe file, overrides) for each source, given the sample world's manifest.
@@ -64,7 +85,12 @@ DEMO_JOBS = [
     ("video.yaml", lambda w: [f"inputs={w['media']['video']['path']}"]),
     ("objaverse.yaml", lambda w: [f"inputs={w['media']['meshes']['path']}"]),
     ("annotated_video.yaml", lambda w: [f"inputs={w['media']['annotated_video']['path']}"]),
-    ("semantic_folders.yaml", lambda w: [f"inputs={w['annotated']['ade20k']['path']}"]),
+    # In-context sentences with text: a small BPE trained on the world's own captions stands in for GPT-2's.
+    ("incontext_caption.yaml", lambda w: [f"inputs={w['laion']['path']}", f"sentence.text_tokenizer={w['text_tokenizer']}",
+                                          "sentence.examples=2"]),
+    ("incontext_segmentation.yaml", lambda w: [f"inputs={w['annotated']['coco']['path']}", "sentence.examples=2",
+                                               f"sentence.text_tokenizer={w['text_tokenizer']}", "sentence.min_area=0.002",
+                                               "limits.max_reject_rate=0.9"]),
 ]
 
 
@@ -87,7 +113,7 @@ def run_demo(out: Path, small: bool = False, progress: bool = True, train_lvm: b
     summaries = []
     with ray_session():  # one Ray for every recipe: run_recipe reuses the session that is up
         for recipe_file, job_overrides in demo_jobs(world):
-            recipe = load_recipe(recipes_dir() / recipe_file, job_overrides + overrides)
+            recipe = load_recipe(recipes_dir() / recipe_file, overrides + job_overrides)  # the job's own win
             summary = run_recipe(recipe, runs_dir / Path(recipe_file).stem, progress=progress)
             summaries.append(summary)
             print(f"{Path(recipe_file).stem}: {summary.sentences} sentences, {summary.rejected} rejected, {summary.seconds:.1f} s")

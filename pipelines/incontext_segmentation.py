@@ -26,7 +26,7 @@ from pipelines import pairing as P
 from pipelines import text as T
 from pipelines.coco import UNANNOTATED, _image_files, _parse_unit
 from uvd import records as R
-from uvd.records import Item, Reject, Sentence, reason
+from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
 
@@ -126,7 +126,7 @@ class IncontextSegmentationSource(Source):
                     part = coco_masks.annotation_mask(ann["segmentation"], height, width, ann.get("id"))
                     if part is not None:
                         mask |= part
-            except render.AnnotationError as err:
+            except RejectError as err:
                 out.append(P.reject_item(mask_key, err.reason, err.detail))
                 continue
             if mask.mean() < max(self.options.min_area, 1e-9):
