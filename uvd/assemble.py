@@ -166,11 +166,19 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
     record = {"output_hash": output_hash, "part": part.index, "shards": writer.shards,
               "rejects": {"file": rejects_file, "count": len(rejects), "by_reason": dict(sorted(by_reason.items()))},
               "sentences": counts["sentences"], "images": counts["images"], "tokens": counts["tokens"],
-              "inputs": sum(len(u.images) for u in images) + len(rejects) - label_rejects, "labels": num_labels,
+              "inputs": _items_read(run, part.index), "labels": num_labels,
               "label_rejects": label_rejects,
               "seconds": time.time() - start}
     L.write_json(run / L.WRITES_DIR / f"{part.name}.json", record)
     return record
+
+
+def _items_read(run: Path, part: int) -> int:
+    """Input items the part read in phase 1 (its record; labeler renderings are not inputs)."""
+    record = L.read_json(run / L.PARTS_DIR / f"{L.part_name(part)}.json", "a part record")
+    if record is None:
+        raise L.CorruptRunError(run / L.PARTS_DIR / f"{L.part_name(part)}.json", "a part record is missing")
+    return int(record["items"])
 
 
 def _remove_stale_shards(run: Path, source: str, part: int, num_shards: int) -> None:

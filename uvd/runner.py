@@ -135,8 +135,9 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         "tokenizer": tokenizer, "status": "running", "shards": {},
     }
     summary = RunSummary(out_dir=str(out), units_total=len(units), parts_total=len(parts), tokenizer=tokenizer)
-    if manifest["status"] == "complete" and recipe.limits.max_items is None:
-        bad = [p.index for p in parts if not write_valid(out, p.index, output_hash, "sha256" if verify else "size")[0]]
+    if manifest["status"] == "complete":
+        used = parts[: manifest.get("parts", len(parts))]  # with limits.max_items, the parts the limit reached
+        bad = [p.index for p in used if not write_valid(out, p.index, output_hash, "sha256" if verify else "size")[0]]
         if not bad:
             log.info("%s: already complete, nothing to do", out)
             return _finish_summary(summary, manifest, start, already_complete=True)
@@ -156,7 +157,8 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
 
         source_ref = ray.put(source)
         if recipe.limits.max_items is not None:
-            parts = _tokenize_limited(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
+            parts = _tokenize_limited(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress, output_hash)
+            manifest["parts"] = len(parts)
         written = {p.index: write_valid(out, p.index, output_hash)[0] for p in parts}
         global_assembly = source.assembly == "global"
         dedup_ready = not recipe.filters.dedup or _dedup_valid(out, output_hash, len(parts))
@@ -347,17 +349,17 @@ def _tokenize(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, wor
 
 
 def _tokenize_limited(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
-                      summary: RunSummary, progress: bool) -> list[Part]:
+                      summary: RunSummary, progress: bool, output_hash: str = "") -> list[Part]:
     """With limits.max_items: parts in input order, each reading what the limit leaves, until it is
     reached. -> the parts that take part in the run."""
     try:
-        return _limited_parts(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
+        return _limited_parts(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress, output_hash)
     finally:
         _release_pools([])
 
 
 def _limited_parts(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path, work_hash: str, tokenizer: dict,
-                   summary: RunSummary, progress: bool) -> list[Part]:
+                   summary: RunSummary, progress: bool, output_hash: str = "") -> list[Part]:
     import ray
 
     remaining = recipe.limits.max_items
@@ -367,6 +369,11 @@ def _limited_parts(parts: list[Part], source_ref: Any, recipe: Recipe, out: Path
             if remaining <= 0:
                 break
             part.budget = remaining
+            written, record = write_valid(out, part.index, output_hash)
+            if written and not work_valid(out, part.index, _part_hash(work_hash, part)):
+                remaining -= record["inputs"]  # written before, its work files removed: not tokenized again
+                used.append(part)
+                continue
             if not work_valid(out, part.index, _part_hash(work_hash, part)):
                 if encoders is None:
                     encoders = _encoders(recipe, tokenizer)
