@@ -35,9 +35,10 @@ def push_run(run: str | Path, repo_id: str, private: bool = False, message: str 
                          f"(re-run the same `uvd run` to resume)")
     if repo_id.count("/") > 1 or not repo_id.strip("/"):
         raise ValueError(f"repo_id: {repo_id!r} is not a repo name such as me/uvd-laion")
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, get_token
 
-    api = HfApi(endpoint=endpoint, token=token)
+    # The token read now (HF_TOKEN, then `hf auth login`'s file), passed on explicitly to every call.
+    api = HfApi(endpoint=endpoint, token=token or get_token())
     repo = api.create_repo(repo_id, repo_type="dataset", exist_ok=True, private=private or None)
     log.info("uploading %s to %s", run, repo)
     sentences = sum(int(s.get("sentences", 0)) for s in manifest.get("shards", {}).values())
