@@ -43,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--limit", type=int, help="read at most N input items (same as --set limits.max_items=N)")
     run.add_argument("--overwrite", action="store_true", help="delete this folder's previous run and start over")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dashboard", action="store_true",
+                     help="start the Ray dashboard with the embedded Ray (its address is logged; needs ray[default]); "
+                          "on a cluster, the dashboard is the one `ray start` runs")
 
     stats = sub.add_parser("stats", help="statistics of one run folder or a folder of runs")
     stats.add_argument("dir")
@@ -171,10 +174,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.append(f"limits.max_items={args.limit}")
     recipe = load_recipe(args.recipe, overrides)
+    if args.dashboard and not (args.address or os.environ.get("RAY_ADDRESS")):
+        from uvd.runtime import check_dashboard
+
+        check_dashboard()  # before --out is made
     out = Path(args.out or f"out/{recipe.source}")
     new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
     try:
-        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet)
+        summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet,
+                             dashboard=args.dashboard)
     except BaseException:
         for folder in new_folders:  # a run that failed before writing anything leaves no empty --out behind
             if folder.is_dir() and not any(folder.iterdir()):
