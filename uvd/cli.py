@@ -373,8 +373,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prompt(args: argparse.Namespace) -> int:
     model = plugin("load_model")(args.model, _device(args.device))
     result = plugin("prompt")(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
-                    args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights)
-    print(f"{result['mode']} prompt ({result['task']}, {result['context_images']} context images) -> {result['path']}")
+                    args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights,
+                    model_path=args.model)
+    print(f"{result['title']}\n{result['mode']} prompt ({result['task']}, {result['context_images']} context images) "
+          f"-> {result['path']}")
     return 0
 
 
