@@ -1,5 +1,6 @@
-"""Benchmark: multi-view renders/s per core through the Ray read stage (objaverse source:
-load, normalize, 24 views at 256x256, offscreen), against a plain single-process loop
+"""Benchmark: multi-view renders/s per CPU-second through a run's phase 1 (`tokenize_part` Ray
+tasks, objaverse source: load, normalize, 24 views at 256x256 offscreen, to a model-less encoder
+actor), against a plain single-process loop
 rendering the same meshes with the same renderer, in the same run.
 
     PYOPENGL_PLATFORM=osmesa .venv/bin/python bench/render.py [--copies 4] [--cpus N]
@@ -22,7 +23,8 @@ import pipelines  # noqa: E402,F401
 from pipelines.objaverse import ObjaverseSource  # noqa: E402
 from demo.world_media import build_mesh_world  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from bench.common import compare, local_ray, print_comparison, ray_stage  # noqa: E402
+from bench.common import (RayPhase1, compare, encoder_pool, local_ray, print_comparison,  # noqa: E402
+                          release_pool)
 
 
 def plain_loop(source: ObjaverseSource, units: list[str]) -> int:
@@ -55,10 +57,15 @@ def main() -> None:
         units = source.list_units()
         plain_loop(source, units[:1])  # warm imports and the GL context
         with local_ray(args.cpus):
-            ray_stage(source, units[: 2 * args.cpus])  # start every worker
-            result = compare(lambda: plain_loop(source, units), lambda: ray_stage(source, units), args.cpus, args.repeats)
+            encoders = encoder_pool(source.recipe, tokenize=False)
+            try:
+                ray_path = RayPhase1(source, units, encoders)
+                ray_path.warm(2 * args.cpus)  # start every worker
+                result = compare(lambda: plain_loop(source, units), ray_path, args.cpus, args.repeats)
+            finally:
+                release_pool(encoders)
     print(f"{len(units)} meshes x 24 views at 256x256, {os.environ['PYOPENGL_PLATFORM']} (Ray adds the 256x256 preprocess)")
-    print_comparison(result, "renders", args.cpus, args.repeats)
+    print_comparison(result, "renders")
 
 if __name__ == "__main__":
     main()

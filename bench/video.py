@@ -1,5 +1,5 @@
-"""Benchmark: video frames/s per core through the Ray read stage (decode each distinct frame
-once, downscale, 256x256 crop), against a plain single-process decord loop that reads the same
+"""Benchmark: video frames/s per CPU-second through a run's phase 1 (`tokenize_part` Ray tasks:
+decode each distinct frame once, downscale, 256x256 crop, to a model-less encoder actor), against a plain single-process decord loop that reads the same
 windows one by one with `get_batch` (the LVM release's approach), in the same run.
 
     .venv/bin/python bench/video.py [--videos 4] [--frames 480] [--width 640] [--height 360] [--cpus N]
@@ -21,7 +21,8 @@ import pipelines  # noqa: E402,F401
 from pipelines.video import VideoSource, plan_windows  # noqa: E402
 from demo.world_media import write_video  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
-from bench.common import compare, local_ray, plain_run, print_comparison, ray_stage  # noqa: E402
+from bench.common import (RayPhase1, compare, encoder_pool, local_ray, plain_run, print_comparison,  # noqa: E402
+                          release_pool)
 
 
 def plain_decord(source: VideoSource, units: list[str]) -> int:
@@ -60,19 +61,25 @@ def main() -> None:
         plain_decord(source, units[:1])  # warm the page cache and imports
         frames, wall, cpu = plain_run(lambda: uvd_single(source, units))
 
-        def ray_uses() -> tuple[int, float]:  # the stage yields distinct frames; count the uses they serve
-            count, seconds = ray_stage(source, units)
-            return (uses if count == frames else -count), seconds
-
         with local_ray(args.cpus):
-            ray_stage(source, units[: 2 * args.cpus])  # start every worker
-            result = compare(lambda: plain_decord(source, units), ray_uses, args.cpus, args.repeats)
+            encoders = encoder_pool(source.recipe, tokenize=False)
+            try:
+                ray_path = RayPhase1(source, units, encoders)
+
+                def ray_uses() -> int:  # phase 1 keeps distinct frames; count the uses they serve
+                    count = ray_path()
+                    return uses if count == frames else -count
+
+                ray_path.warm(2 * args.cpus)  # start every worker
+                result = compare(lambda: plain_decord(source, units), ray_uses, args.cpus, args.repeats)
+            finally:
+                release_pool(encoders)
     print(f"{args.videos} videos, {args.frames} frames {args.width}x{args.height} H.264; strides 10/20/30, "
           f"{uses // 16} windows; {frames} distinct frames serve {uses} frame uses")
     print(f"uvd read_unit, 1 process: {frames / wall:8.1f} decoded frames/s on {cpu / wall:.2f} cores = "
-          f"{uses / cpu:8.1f} frame uses/s per core (decode once, shorter side 256)")
+          f"{uses / cpu:8.1f} frame uses per CPU-s (decode once, shorter side 256)")
     print("plain = one decord get_batch per window at native size; Ray = read_unit + 256x256 crop, frame uses")
-    print_comparison(result, "frame uses", args.cpus, args.repeats)
+    print_comparison(result, "frame uses")
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ written as a contact sheet: the prompt row, then the generated images next to th
 from __future__ import annotations
 
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -67,14 +68,20 @@ def run_decoder(runs: list[str | Path], config: str | None = None, weights: str 
     return get_tokenizer_stage()(config if weights is None else None, weights=weights, device="cpu", seed=seed)
 
 
-def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, size: int = 128) -> Path:
-    """One labelled row per entry, images resized to `size`; written as PNG."""
-    pad, label_w = 4, 110
+def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, size: int = 128,
+                  title: str | None = None) -> Path:
+    """One labelled row per entry, images resized to `size`, under an optional title band; written as PNG."""
+    pad, label_w, line_h = 4, 110, 14
     cols = max(len(images) for _, images in rows)
-    sheet = Image.new("RGB", (label_w + cols * (size + pad) + pad, len(rows) * (size + pad) + pad), "white")
+    width = label_w + cols * (size + pad) + pad
+    lines = textwrap.wrap(title, max(20, (width - 2 * pad) // 6)) if title else []  # PIL's default font: ~6 px a character
+    top = len(lines) * line_h + (2 * pad if lines else 0)
+    sheet = Image.new("RGB", (width, top + len(rows) * (size + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)
+    for i, line in enumerate(lines):
+        draw.text((pad, pad + i * line_h), line, fill="black")
     for r, (label, images) in enumerate(rows):
-        y = pad + r * (size + pad)
+        y = top + pad + r * (size + pad)
         draw.text((pad, y + size // 2 - 6), label, fill="black")
         for c, image in enumerate(images):
             sheet.paste(Image.fromarray(image).resize((size, size), Image.NEAREST), (label_w + pad + c * (size + pad), y))
@@ -84,11 +91,30 @@ def contact_sheet(rows: list[tuple[str, list[np.ndarray]]], path: str | Path, si
     return path
 
 
+def sheet_title(mode: str, task: str, model: LLaMA, model_path: str | Path | None, tokenizer_info: dict) -> str:
+    """What a sheet shows: the prompt, the model (folder, size, training steps), the tokenizer."""
+    params = sum(p.numel() for p in model.parameters())
+    where, steps = "(in memory)", "?"
+    if model_path is not None:
+        from model.checkpoint import checkpoint_info, resolve_checkpoint
+
+        try:
+            ckpt = resolve_checkpoint(model_path)
+            where, steps = str(ckpt), f"{checkpoint_info(ckpt).get('step', '?')}"
+        except (ValueError, OSError):
+            where = str(model_path)
+    trained = "trained" if tokenizer_info.get("trained") else "UNTRAINED: random weights"
+    return (f"{mode} prompt, task {task} | model {where}: {params / 1e6:.2f}M parameters, {steps} training steps | "
+            f"tokenizer {tokenizer_info.get('id', '?')} ({trained})")
+
+
 def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "analogy", task: str | None = None,
            index: int = 0, num_context: int | None = None, num_generate: int = 1, temperature: float = 1.0,
            top_k: int | None = 100, top_p: float | None = None, seed: int = 0,
-           tokenizer_config: str | None = None, tokenizer_weights: str | None = None) -> dict[str, Any]:
-    """Build a prompt from a sentence, sample `num_generate` images, decode and write the contact sheet.
+           tokenizer_config: str | None = None, tokenizer_weights: str | None = None,
+           model_path: str | Path | None = None) -> dict[str, Any]:
+    """Build a prompt from a sentence, sample `num_generate` images, decode and write the contact sheet,
+    titled with the task, the model (`model_path`: its folder and training steps) and the tokenizer.
 
     analogy: `num_context` (input, annotation) pairs (default 5) + the next input -> its annotation.
     sequential: the first `num_context` images (default 15) -> the next `num_generate` images.
@@ -115,9 +141,10 @@ def prompt(model: LLaMA, runs: list[str | Path], out: str | Path, mode: str = "a
     rows = [("prompt", prompt_images), ("generated", list(images[num_context : num_context + num_generate]))]
     if len(truth):
         rows.append(("true", list(images[num_context + num_generate :])))
-    path = contact_sheet(rows, out)
+    title = sheet_title(mode, found_task, model, model_path, getattr(decoder, "info", {}))
+    path = contact_sheet(rows, out, title=title)
     return {"path": str(path), "task": found_task, "mode": mode, "context_images": num_context,
-            "generated_tokens": generated}
+            "generated_tokens": generated, "title": title}
 
 
 @register_trainer_demo
@@ -136,6 +163,7 @@ def demo_lvm(runs: str | Path, out: str | Path, max_steps: int = 300, task: str 
     summary = train(config)
     model = load_model(out / "lvm")
     result = prompt(model, [runs], out / "analogy.png", mode="analogy", task=task, num_context=5, temperature=1.0,
+                    model_path=out / "lvm",
                     top_k=100)
     result["train"] = {k: summary[k] for k in ("step", "tokens", "token_shares")}
     result["final_loss"] = summary["history"][-1]["loss"] if summary["history"] else None

@@ -85,20 +85,38 @@ def check_box(box, width: int, height: int, tolerance: float = 1.0) -> None:
         raise RejectError(BAD_BOX, f"box {list(box)} outside the {width}x{height} image")
 
 
-def render_detection(image: np.ndarray, boxes: list[tuple[list[float], int]], thickness: int | None = None) -> np.ndarray:
-    """Draw each (COCO [x, y, w, h], category id) as a box outline in its category's color.
+BOX_TINT = 0.35  # share of the category color blended into each box's inside
+
+
+def render_detection(image: np.ndarray, boxes: list[tuple[list[float], int]], thickness: int | None = None,
+                     tint: float = BOX_TINT) -> np.ndarray:
+    """Draw each (COCO [x, y, w, h], category id) as a box outline in its category's color, over a
+    translucent tint of that color inside the box (`tint` of the color, 1 - `tint` of the image).
 
     The outline lies inside the box: rows y0..y0+t-1 and y1-t+1..y1, where (x0, y0) is the
-    rounded top-left and (x1, y1) the rounded bottom-right pixel (x + w - 1, y + h - 1)."""
+    rounded top-left and (x1, y1) the rounded bottom-right pixel (x + w - 1, y + h - 1). The
+    default thickness, max(3, longer side / 40), is about 6 px once the image is 256x256: thin
+    outlines (2-8 px at 256) keep only 1-12% of their color through an f16 tokenizer, and the
+    tint carries the category where the outline does not survive."""
+    if not 0 <= tint <= 1:
+        raise ValueError(f"tint: must be in [0, 1], got {tint}")
     height, width = image.shape[:2]
-    t = thickness or max(2, round(max(height, width) / 160))
-    out = image.copy()
+    t = thickness or max(3, round(max(height, width) / 40))
+    spans = []
     for box, category in boxes:
         check_box(box, width, height)
         x, y, w, h = box
         x0, y0 = max(0, round(x)), max(0, round(y))
         x1, y1 = min(width - 1, round(x + w) - 1), min(height - 1, round(y + h) - 1)
-        color = category_color(category)
+        spans.append((x0, y0, x1, y1, category_color(category)))
+    out = image.astype(np.float32) if tint else image.copy()
+    for x0, y0, x1, y1, color in spans if tint else ():  # every tint first, then every outline on top
+        region = out[y0 : y1 + 1, x0 : x1 + 1]
+        region *= 1 - tint
+        region += tint * np.asarray(color, np.float32)
+    if tint:
+        out = np.rint(out).astype(np.uint8)
+    for x0, y0, x1, y1, color in spans:
         out[y0 : y0 + t, x0 : x1 + 1] = color
         out[max(y0, y1 - t + 1) : y1 + 1, x0 : x1 + 1] = color
         out[y0 : y1 + 1, x0 : x0 + t] = color

@@ -71,7 +71,7 @@ def test_coco_renderings_are_aligned_with_their_image(annotated):
     det = pixels["val/000000.jpg#detection"].astype(int)
     image = pixels["val/000000.jpg"].astype(int)
     changed = np.abs(det - image).sum(axis=2) > 60
-    assert 0.02 < changed.mean() < 0.3  # box outlines only
+    assert 0.02 < changed.mean() < 0.6  # box outlines and the tint inside the boxes, not the whole image
     pose = pixels["val/000000.jpg#pose"]
     assert pose[:, :20].max() == 0 and pose.any()  # skeleton on black
     seg = pixels["val/000000.jpg#segmentation"]

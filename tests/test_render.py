@@ -26,7 +26,7 @@ def test_segmentation_palette_is_fixed_and_ignore_is_black():
 
 def test_detection_box_outline_in_category_color():
     image = np.full((100, 120, 3), 50, np.uint8)
-    out = render.render_detection(image, [([10, 20, 40, 30], 3)], thickness=2)
+    out = render.render_detection(image, [([10, 20, 40, 30], 3)], thickness=2, tint=0)
     color = render.category_color(3)
     # outline inside the box: x 10..49, y 20..49
     for y, x in [(20, 10), (21, 30), (49, 49), (48, 30), (35, 10), (35, 11), (35, 49), (35, 48)]:
@@ -44,6 +44,26 @@ def test_category_colors_are_distinct_and_the_golden_ratio_hue():
         hue = (i * (5 ** 0.5 - 1) / 2) % 1.0  # the golden-ratio step, reference HSV -> RGB from colorsys
         reference = colorsys.hsv_to_rgb(int(hue * 180) / 180, 1.0, 1.0)
         assert np.abs(np.array(render.category_color(i)) - 255 * np.array(reference)).max() <= 1, i
+
+
+def test_detection_boxes_are_thick_and_tinted_by_default():
+    """Thickness max(3, side / 40); inside, `tint` of the category color over the image; outlines
+    drawn over every tint (an overlapping box does not wash out another's outline)."""
+    image = np.full((200, 400, 3), 50, np.uint8)
+    a, b = render.category_color(3), render.category_color(7)
+    out = render.render_detection(image, [([20, 20, 200, 150], 3), ([100, 60, 200, 100], 7)])
+    t = 10  # 400 / 40
+    assert tuple(out[100, 20 + t - 1]) == a and tuple(out[100, 20 + t]) != a  # left outline of box 3: 10 px
+    tinted = lambda color, base: tuple(int(round(0.65 * v + 0.35 * c)) for v, c in zip(base, color))  # noqa: E731
+    assert tuple(out[40, 40]) == tinted(a, (50, 50, 50))  # inside box 3 only
+    assert tuple(out[140, 260]) == tinted(b, (50, 50, 50))  # inside box 7 only
+    assert tuple(out[120, 150]) == tinted(b, tinted(a, (50, 50, 50)))  # inside both: both tints
+    assert tuple(out[100, 100]) == b  # box 7's left outline, over box 3's tint
+    assert tuple(out[190, 390]) == (50, 50, 50)  # outside every box
+    small = render.render_detection(np.zeros((40, 60, 3), np.uint8), [([0, 0, 30, 30], 1)], tint=0)
+    assert tuple(small[15, 2]) == render.category_color(1) and not small[15, 3].any()  # at least 3 px
+    with pytest.raises(ValueError, match="tint"):
+        render.render_detection(image, [], tint=1.5)
 
 
 @pytest.mark.parametrize("box", [[100, 20, 40, 30], [-5, 0, 10, 10], [0, 0, 0, 5], [1, 2, 3]])

@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true",
                      help="on a finished run, re-read every shard's checksum (default: sizes) and redo damaged parts")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.add_argument("--dashboard", action="store_true",
+                     help="start the Ray dashboard with the embedded Ray (its address is logged; needs ray[default]); "
+                          "on a cluster, the dashboard is the one `ray start` runs")
 
     stats = sub.add_parser("stats", help="statistics of one run folder or a folder of runs")
     stats.add_argument("dir")
@@ -179,11 +182,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.limit is not None:
         overrides.append(f"limits.max_items={args.limit}")
     recipe = load_recipe(args.recipe, overrides)
+    if args.dashboard and not (args.address or os.environ.get("RAY_ADDRESS")):
+        from uvd.runtime import check_dashboard
+
+        check_dashboard()  # before --out is made
     out = Path(args.out or f"out/{recipe.source}")
     new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
     try:
         summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet,
-                             verify=args.verify)
+                             verify=args.verify, dashboard=args.dashboard)
     except BaseException:
         for folder in new_folders:  # a run that failed before writing anything leaves no empty --out behind
             if folder.is_dir() and not any(folder.iterdir()):
@@ -374,8 +381,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_prompt(args: argparse.Namespace) -> int:
     model = plugin("load_model")(args.model, _device(args.device))
     result = plugin("prompt")(model, args.data, args.out, args.mode, args.task, args.index, args.context, args.generate,
-                    args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights)
-    print(f"{result['mode']} prompt ({result['task']}, {result['context_images']} context images) -> {result['path']}")
+                    args.temperature, args.top_k, args.top_p, args.seed, args.tokenizer_config, args.tokenizer_weights,
+                    model_path=args.model)
+    print(f"{result['title']}\n{result['mode']} prompt ({result['task']}, {result['context_images']} context images) "
+          f"-> {result['path']}")
     return 0
 
 

@@ -78,8 +78,9 @@ def make_parts(units: list[str], units_per_part: int) -> list[Part]:
 
 
 def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, overwrite: bool = False,
-               progress: bool = True, verify: bool = False) -> RunSummary:
-    """Run `recipe` into `out_dir`, resuming whatever an earlier run of it finished."""
+               progress: bool = True, verify: bool = False, dashboard: bool = False) -> RunSummary:
+    """Run `recipe` into `out_dir`, resuming whatever an earlier run of it finished. `dashboard`
+    starts the Ray dashboard with an embedded Ray."""
     start = time.time()
     out = Path(out_dir)
     # Validate everything first; delete (for --overwrite) last.
@@ -101,7 +102,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, 
         if overwrite:
             removed = L.clear_run(out)
             log.info("--overwrite: removed %d files of the previous run in %s", removed, out)
-        return _run_locked(recipe, source, units, tokenizer, out, address, progress, verify, start, labelers)
+        return _run_locked(recipe, source, units, tokenizer, out, address, progress, verify, start, labelers, dashboard)
 
 
 def describe_labelers(recipe: Recipe, source: Source) -> dict[str, dict]:
@@ -120,7 +121,8 @@ def describe_labelers(recipe: Recipe, source: Source) -> dict[str, dict]:
 
 
 def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dict, out: Path, address: str | None,
-                progress: bool, verify: bool, start: float, labelers: dict[str, dict] | None = None) -> RunSummary:
+                progress: bool, verify: bool, start: float, labelers: dict[str, dict] | None = None,
+                dashboard: bool = False) -> RunSummary:
     recipe_hash = recipe.hash()
     labelers = labelers or {}
     # What determines the tokens of a part, and what determines the shards (labelers: by their
@@ -152,7 +154,7 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
     M.write_manifest(out, manifest)
     (out / L.RECIPE_FILE).write_text(recipe.to_yaml())
 
-    with ray_session(address):
+    with ray_session(address, dashboard=dashboard):
         import ray
 
         source_ref = ray.put(source)

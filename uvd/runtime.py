@@ -29,7 +29,10 @@ def quiet_ray() -> None:
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")  # the C++ core's "E ..." lines
+    # Not RAY_BACKEND_LOG_LEVEL: whatever its value, every Ray process then prints "logging.cc: Set
+    # ray log level from environment variable ..." to stderr (the driver's and each worker's reach
+    # the terminal). UVD's actors take small constructor arguments, so the core's "has constructor
+    # arguments in the object store" error line does not arise (tests/test_quiet.py checks both).
     warnings.filterwarnings("ignore", message=".*token.*auth.*", category=UserWarning)
     for name in ("ray", "ray.data", "ray._private", "ray.autoscaler"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -55,14 +58,29 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, dashboa
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, **kwargs)
     else:
+        if dashboard:
+            check_dashboard()
         cleanup_orphans()
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # never attach to a stray local cluster
+        context = ray.init(address="local", num_cpus=num_cpus, **kwargs)  # never attach to a stray local cluster
         _record_session()
+        if dashboard:
+            log.info("Ray dashboard: http://%s", context.dashboard_url)
     try:
         yield
     finally:
         ray.shutdown()
         _forget_session()
+
+
+def check_dashboard() -> None:
+    """--dashboard with a minimal Ray install: a clear error, not Ray's traceback."""
+    import ray
+
+    get_error = getattr(ray._private.utils, "get_dashboard_dependency_error", None)
+    error = get_error() if get_error else None
+    if error:
+        raise ValueError(f"--dashboard: the Ray dashboard needs ray[default] (pip install 'ray[default]=={ray.__version__}'); "
+                         f"{str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__}")
 
 
 def _session_file() -> Path:
