@@ -74,49 +74,30 @@ def per_labeler(specs: dict[str, dict], pixels: np.ndarray, batch_size: int, rep
         print(f"  {label:40s} {statistics.median(rates):8.1f} images/s   ({labeler.device}, {labeler.dtype_name}, batch {batch_size}; runs {runs})")
 
 
-def _rate(ds) -> tuple[int, float]:
-    """(images out, wall seconds) of a dataset run, start-up of its workers and actors included."""
-    start, count = time.perf_counter(), 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        count += int(sum(1 for r, e in zip(batch["reject"], batch["end"]) if not r and not e))
-    return count, time.perf_counter() - start
-
-
 def job_stage(spec: dict, num_cpus: int, num_photos: int) -> None:
-    """The read+decode stage alone, then with a labeler actor pool after it, alternated (medians of 3)."""
-    import ray
-
+    """The whole job (`run_recipe`: read, decode, tokenize, assemble, write) on the same photos,
+    without and with the labeler, alternated (medians of 3): input images per second."""
     from bench.common import local_ray
-    from pipelines.derived_pairs import DerivedPairsSource
-    from uvd.demo_world_annotated import build_photo_folder
+    from demo.world_annotated import build_photo_folder
     from uvd.recipe import recipe_from_dict
-    from uvd.runner import read_and_preprocess
+    from uvd.runner import run_recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         world = build_photo_folder(Path(tmp) / "photos", num_images=num_photos, seed=0)
-        source = DerivedPairsSource(recipe_from_dict({"source": "derived_pairs", "inputs": world["path"]}))
-        units = source.list_units()
-
-        def dataset(labeler: bool, units=units):
-            ds = ray.data.from_items([{"unit": u} for u in units], override_num_blocks=len(units))
-            ds = ds.map_batches(read_and_preprocess, fn_kwargs={"source": source, "max_items": None, "image": source.recipe.image,
-                                                                "filters": source.recipe.filters, "chunk": 16}, batch_size=1, batch_format="numpy")
-            if labeler:
-                ds = ds.map_batches(LabelerStage, fn_constructor_kwargs={"specs": [spec], "device": "cpu"}, batch_size=16,
-                                    batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.5)
-            return ds
-
+        base = {"source": "derived_pairs", "inputs": world["path"], "tokenizer": {"config": "test", "batch_size": 16},
+                "limits": {"max_reject_rate": 1.0}}
+        rates: dict[bool, list[float]] = {False: [], True: []}
         with local_ray(num_cpus):
-            _rate(dataset(False))
-            plain, labeled = [], []
-            for _ in range(3):
-                count, seconds = _rate(dataset(False))
-                plain.append(count / seconds)
-                count2, seconds2 = _rate(dataset(True))
-                assert count2 == count, (count2, count)
-                labeled.append(count2 / seconds2)
-        print(f"  read+decode stage            : {statistics.median(plain):8.1f} images/s  ({count} images, {len(units)} unit(s))")
-        print(f"  read+decode + {spec['name']:14s} : {statistics.median(labeled):8.1f} images/s  (one labeler actor; its start-up included)")
+            for i in range(4):  # the first round warms up (imports, actor start-up); not counted
+                for labeled in (False, True):
+                    data = {**base, "labelers": {"models": [spec]}} if labeled else base
+                    summary = run_recipe(recipe_from_dict(data), Path(tmp) / f"run-{labeled}-{i}", progress=False)
+                    if i:
+                        rates[labeled].append(num_photos / summary.seconds)
+        print(f"  whole job, no labeler        : {statistics.median(rates[False]):8.1f} input images/s ({num_photos} photos, "
+              "derived_pairs, test tokenizer)")
+        print(f"  whole job + {spec['name']:16s} : {statistics.median(rates[True]):8.1f} input images/s "
+              "(one labeler actor pool; same inputs, same process)")
 
 
 def main() -> None:
