@@ -242,10 +242,9 @@ class _CocoFile:
     has_masks: bool  # some annotation has a `segmentation` field
 
 
-@functools.lru_cache(maxsize=2)
-def _load_coco(path: str, mtime_ns: int) -> _CocoFile:
-    """Parse and index one annotation file; cached per process (a Ray worker reading several
-    units of a split parses its JSON once; instances_train2017.json takes ~2-3 GB parsed)."""
+def read_coco_json(path: str) -> tuple[dict, dict[int, list[dict]], list[tuple]]:
+    """A COCO annotation file, its shape checked -> (data, image id -> its annotations,
+    (annotation id, image id) of annotations whose image is not listed). ValueError when malformed."""
     try:
         data = json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -264,6 +263,28 @@ def _load_coco(path: str, mtime_ns: int) -> _CocoFile:
             annotations[ann["image_id"]].append(ann)
         else:
             orphans.append((ann.get("id"), ann.get("image_id")))
+    return data, annotations, orphans
+
+
+def split_units(inputs: list[str], prefix: str, images_per_unit: int) -> list[str]:
+    """`<root>/<split>#<start>` units of every split that has `annotations/<prefix>_<split>.json`."""
+    units = []
+    for root in resolve_inputs(inputs):
+        splits = sorted(p.stem[len(prefix) + 1:] for p in (root / "annotations").glob(f"{prefix}_*.json"))
+        if not splits:
+            raise ValueError(f"inputs: {root} has no annotations/{prefix}_<split>.json")
+        for split in splits:
+            count = len(_image_files(root / split))
+            units += [f"{root / split}#{s}" for s in range(0, max(count, 1), images_per_unit)]
+    check_unique_names(units, "splits")
+    return units
+
+
+@functools.lru_cache(maxsize=2)
+def _load_coco(path: str, mtime_ns: int) -> _CocoFile:
+    """Parse and index one annotation file; cached per process (a Ray worker reading several
+    units of a split parses its JSON once; instances_train2017.json takes ~2-3 GB parsed)."""
+    data, annotations, orphans = read_coco_json(path)
     by_name = {im["file_name"]: im for im in data["images"]}
     has_masks = any("segmentation" in ann for ann in data["annotations"])
     return _CocoFile(by_name, annotations, orphans, coco_masks.palette_indices(data["categories"]), has_masks)

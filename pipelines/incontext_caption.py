@@ -23,12 +23,12 @@ from typing import Iterable, Iterator
 
 from pipelines import pairing as P
 from pipelines import text as T
-from pipelines.coco import _image_files, _parse_unit
+from pipelines.coco import _image_files, _parse_unit, split_units
 from pipelines.laion import LaionOptions, LaionSource
 from uvd import records as R
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
-from uvd.source import UnitImages, check_unique_names, resolve_inputs
+from uvd.source import UnitImages, limit_items
 
 TASK = "incontext_caption"
 
@@ -62,25 +62,13 @@ class IncontextCaptionSource(LaionSource):
         T.require_text_tokenizer(self.options)
         if self.options.captions_from == "laion":
             return super().list_units()
-        units = []
-        for root in resolve_inputs(self.recipe.inputs):
-            splits = sorted(p.stem[len("captions_"):] for p in (root / "annotations").glob("captions_*.json"))
-            if not splits:
-                raise ValueError(f"inputs: {root} has no annotations/captions_<split>.json (sentence.captions_from: coco)")
-            for split in splits:
-                count = len(_image_files(root / split))
-                units += [f"{root / split}#{s}" for s in range(0, max(count, 1), self.options.images_per_unit)]
-        check_unique_names(units, "splits")
-        return units
+        return split_units(self.recipe.inputs, "captions", self.options.images_per_unit)
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
         if self.options.captions_from == "laion":
             yield from super().read_unit(unit, max_items)
             return
-        for count, item in enumerate(self._coco_items(*_parse_unit(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        yield from limit_items(self._coco_items(*_parse_unit(unit)), max_items)
 
     def _coco_items(self, folder: Path, start: int) -> Iterator[Item]:
         path = folder.parent / "annotations" / f"captions_{folder.name}.json"

@@ -14,21 +14,20 @@ pairs are shuffled with the unit's RNG and cut into groups of k + 1.
 from __future__ import annotations
 
 import functools
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipelines import coco_masks, render
+from pipelines import coco_masks
 from pipelines import pairing as P
 from pipelines import text as T
-from pipelines.coco import UNANNOTATED, _image_files, _parse_unit
+from pipelines.coco import UNANNOTATED, _image_files, _parse_unit, read_coco_json, split_units
 from uvd import records as R
 from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.source import Source, UnitImages, limit_items
 
 TASK = "incontext_segmentation"
 MASK = "mask"  # the role of a class-mask item
@@ -66,22 +65,10 @@ class IncontextSegmentationSource(Source):
 
     def list_units(self) -> list[str]:
         T.require_text_tokenizer(self.options)
-        units = []
-        for root in resolve_inputs(self.recipe.inputs):
-            splits = sorted(p.stem[len("instances_"):] for p in (root / "annotations").glob("instances_*.json"))
-            if not splits:
-                raise ValueError(f"inputs: {root} has no annotations/instances_<split>.json")
-            for split in splits:
-                count = len(_image_files(root / split))
-                units += [f"{root / split}#{s}" for s in range(0, max(count, 1), self.options.images_per_unit)]
-        check_unique_names(units, "splits")
-        return units
+        return split_units(self.recipe.inputs, "instances", self.options.images_per_unit)
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        for count, item in enumerate(self._items(*_parse_unit(unit))):
-            if max_items is not None and count >= max_items:
-                return
-            yield item
+        return limit_items(self._items(*_parse_unit(unit)), max_items)
 
     def _items(self, folder: Path, start: int) -> Iterator[Item]:
         path = folder.parent / "annotations" / f"instances_{folder.name}.json"
@@ -213,23 +200,7 @@ class _Instances:
 def _load_instances(path: str, mtime_ns: int) -> _Instances:
     """Parse and index one instances file (cached per process: a worker reading several units of a
     split parses it once). The `coco` source's loader checks the same shape; it keeps no names."""
-    try:
-        data = json.loads(Path(path).read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"not valid JSON: {err}") from None
-    if not isinstance(data, dict) or not all(isinstance(data.get(k), list) for k in ("images", "annotations", "categories")):
-        raise ValueError("expected an object with lists images, annotations and categories")
-    if not all(isinstance(im, dict) and "id" in im and isinstance(im.get("file_name"), str) for im in data["images"]):
-        raise ValueError("an image entry without id or file_name")
-    if not all(isinstance(a, dict) for a in data["annotations"]) or not all(isinstance(c, dict) and "id" in c for c in data["categories"]):
-        raise ValueError("annotations and categories must be objects (categories with an id)")
-    annotations: dict = {im["id"]: [] for im in data["images"]}
-    orphans = []
-    for ann in data["annotations"]:
-        if ann.get("image_id") in annotations:
-            annotations[ann["image_id"]].append(ann)
-        else:
-            orphans.append((ann.get("id"), ann.get("image_id")))
+    data, annotations, orphans = read_coco_json(path)
     names = {c["id"]: str(c.get("name", c["id"])) for c in data["categories"]}
     return _Instances({im["file_name"]: im for im in data["images"]}, annotations,
                       coco_masks.palette_indices(data["categories"]), names, orphans)

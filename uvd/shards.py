@@ -3,7 +3,6 @@ and of phase 1's per-part work files; turning rows into tables and tables into f
 """
 from __future__ import annotations
 
-import json
 import os
 import uuid
 from pathlib import Path
