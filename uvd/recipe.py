@@ -184,7 +184,8 @@ class Recipe:
         hashed separately, by content); a work file made under another identity is redone."""
         return {"source": self.source, "seed": self.seed, "sentence": dataclasses.asdict(self.sentence),
                 "image": dataclasses.asdict(self.image), "filters": dataclasses.asdict(self.filters),
-                "tokenizer": {"seed": self.tokenizer.seed, "dtype": self.tokenizer.dtype},
+                # batch_size too: batches may break near-tie codes differently, so work is reused only under the same one
+                "tokenizer": {"seed": self.tokenizer.seed, "dtype": self.tokenizer.dtype, "batch_size": self.tokenizer.batch_size},
                 **({"labelers": self.labelers.identity()} if self.labelers.models else {})}
 
 
