@@ -62,12 +62,12 @@ def find_duplicates(table: pa.Table) -> pa.Table:
 def dedup_task(run_dir: str, num_parts: int, task: int, lo: int, hi: int) -> int:
     """Ray task body: the losers among buckets [lo, hi) of every part; -> how many."""
     run = Path(run_dir)
-    tables = []
-    for part in range(num_parts):
-        path = run / L.WORK_DIR / f"{L.part_name(part)}.digests.parquet"
-        tables.append(pq.read_table(path, filters=[("bucket", ">=", lo), ("bucket", "<", hi)]))
-    table = pa.concat_tables(tables) if tables else pa.table({})
-    losers = find_duplicates(table) if tables else find_duplicates(pa.table({"digest": pa.array([], pa.binary(16))}))
+    table = pa.concat_tables([  # a run has at least one part
+        pq.read_table(run / L.WORK_DIR / f"{L.part_name(part)}.digests.parquet",
+                      filters=[("bucket", ">=", lo), ("bucket", "<", hi)])
+        for part in range(num_parts)
+    ])
+    losers = find_duplicates(table)
     L.atomic_write_bytes(run / L.PLAN_DIR / f"dups-{task:05d}.parquet", table_bytes(losers, row_group_size=8192))
     return losers.num_rows
 

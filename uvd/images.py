@@ -1,7 +1,7 @@
 """Shared image preprocessing: bytes or pixels -> 256x256 RGB uint8, or a reject reason.
 
-Every source goes through `preprocess_batch` (a Ray Data stage); `decode_image` is the
-single-image core, usable on its own. No exception a hostile file can raise in a decoder
+Runs decode each item with `decode_file` / `resize_array` through `uvd.work.preprocess_item`;
+`preprocess_batch` is the same over a batch of rows (kept for batch callers and the fuzzer). No exception a hostile file can raise in a decoder
 leaves this module: each becomes a `RejectError` with a reason (tests/test_fuzz.py).
 """
 from __future__ import annotations
