@@ -23,8 +23,8 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 
 import numpy as np  # noqa: E402
 
-from demo.world import _available_photos, _load_photo  # noqa: E402
-from pipelines import render  # noqa: E402
+from uvd.demo.world import _available_photos, _load_photo  # noqa: E402
+from uvd.pipelines import render  # noqa: E402
 from uvd.images import resize_array  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--weights", default=str(Path(__file__).resolve().parents[1] / "tokenizer/weights/demo-small"))
     parser.add_argument("--images", type=int, default=12)
     args = parser.parse_args()
-    from tokenizer.encode import ImageTokenizer
+    from uvd.tokenizer.encode import ImageTokenizer
 
     tok = ImageTokenizer(None, weights=args.weights, device="cpu")
     recipe = recipe_from_dict({"source": "laion", "inputs": "unused", "filters": {"min_side": 0, "max_aspect": 0}})

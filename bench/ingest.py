@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
 
-import pipelines  # noqa: E402,F401
-from pipelines.laion import LaionSource  # noqa: E402
-from demo.world import build_laion_world  # noqa: E402
+import uvd.pipelines  # noqa: E402,F401
+from uvd.pipelines.laion import LaionSource  # noqa: E402
+from uvd.demo.world import build_laion_world  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import (RayPhase1, compare, encoder_pool, local_ray, plain_phase1, plain_stage,  # noqa: E402
                           print_comparison, release_pool)

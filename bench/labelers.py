@@ -21,9 +21,9 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not ben
 
 import numpy as np  # noqa: E402
 
-import pipelines  # noqa: E402,F401
-from pipelines.labelers import LabelerStage, build_labeler  # noqa: E402
-from pipelines.labelers.edges import _hed_network  # noqa: E402
+import uvd.pipelines  # noqa: E402,F401
+from uvd.pipelines.labelers import LabelerStage, build_labeler  # noqa: E402
+from uvd.pipelines.labelers.edges import _hed_network  # noqa: E402
 
 
 def save_models(root: Path, real: bool) -> dict[str, dict]:
@@ -78,7 +78,7 @@ def job_stage(spec: dict, num_cpus: int, num_photos: int) -> None:
     """The whole job (`run_recipe`: read, decode, tokenize, assemble, write) on the same photos,
     without and with the labeler, alternated (medians of 3): input images per second."""
     from bench.common import local_ray
-    from demo.world_annotated import build_photo_folder
+    from uvd.demo.world_annotated import build_photo_folder
     from uvd.recipe import recipe_from_dict
     from uvd.runner import run_recipe
 

@@ -31,8 +31,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizer.encode import ImageTokenizer  # noqa: E402
-from tokenizer.vqgan import VQGAN, resolve_config  # noqa: E402
+from uvd.tokenizer.encode import ImageTokenizer  # noqa: E402
+from uvd.tokenizer.vqgan import VQGAN, resolve_config  # noqa: E402
 
 
 def encoder_flops(config: str, size: int = 256) -> float:

@@ -31,10 +31,10 @@ from dataclasses import dataclass  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from model.config import TrainConfig, load_train_config  # noqa: E402
-from model.data import PackedLoader, Prefetcher  # noqa: E402
-from model.llama import LLaMA  # noqa: E402
-from model.train import PEAK_TFLOPS, make_optimizer, peak_flops, train  # noqa: E402
+from uvd.model.config import TrainConfig, load_train_config  # noqa: E402
+from uvd.model.data import PackedLoader, Prefetcher  # noqa: E402
+from uvd.model.llama import LLaMA  # noqa: E402
+from uvd.model.train import PEAK_TFLOPS, make_optimizer, peak_flops, train  # noqa: E402
 from uvd.manifest import write_manifest  # noqa: E402
 from uvd.shards import write_shard  # noqa: E402
 

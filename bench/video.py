@@ -17,9 +17,9 @@ from pathlib import Path
 
 sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/: bench/tokenize.py would shadow the stdlib
 
-import pipelines  # noqa: E402,F401
-from pipelines.video import VideoSource, plan_windows  # noqa: E402
-from demo.world_media import write_video  # noqa: E402
+import uvd.pipelines  # noqa: E402,F401
+from uvd.pipelines.video import VideoSource, plan_windows  # noqa: E402
+from uvd.demo.world_media import write_video  # noqa: E402
 from uvd.recipe import recipe_from_dict  # noqa: E402
 from bench.common import (RayPhase1, compare, encoder_pool, local_ray, plain_run, print_comparison,  # noqa: E402
                           release_pool)

@@ -38,9 +38,9 @@ def demo_overrides(small: bool) -> list[str]:
 
 def build_world(root: Path, small: bool) -> dict:
     """The sample world: generated afresh each time (it is deterministic, so finished runs stay valid)."""
-    from demo.world import build_demo_world
-    from demo.world_annotated import build_annotated_world
-    from demo.world_media import build_media_world
+    from uvd.demo.world import build_demo_world
+    from uvd.demo.world_annotated import build_annotated_world
+    from uvd.demo.world_media import build_media_world
 
     shutil.rmtree(root, ignore_errors=True)
     world = build_demo_world(root / "images", seed=0, small=small)
@@ -55,8 +55,8 @@ def build_text_tokenizer(path: Path) -> str:
     and category names: the in-context recipes' text tokenizer; nothing is downloaded."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from demo.world import CAPTION_STYLES, PHOTO_CAPTIONS
-    from demo.world_annotated import CATEGORIES
+    from uvd.demo.world import CAPTION_STYLES, PHOTO_CAPTIONS
+    from uvd.demo.world_annotated import CATEGORIES
 
     texts = [style.format(c) for c in PHOTO_CAPTIONS.values() for style in CAPTION_STYLES]
     texts += [f"{c['name']} at [12, 40, 300, 512]" for c in CATEGORIES]

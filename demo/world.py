@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from pipelines.laion import BAD_METADATA, DUPLICATE_KEY, UNKNOWN_STATUS, UNSUPPORTED_MEMBER
+from uvd.pipelines.laion import BAD_METADATA, DUPLICATE_KEY, UNKNOWN_STATUS, UNSUPPORTED_MEMBER
 from uvd import records as R
 
 logger = logging.getLogger(__name__)

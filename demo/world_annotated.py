@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from demo.world import _available_photos, _load_photo, _prepare_root
-from pipelines import pairing as P
-from pipelines import render
-from pipelines.coco import UNANNOTATED
+from uvd.demo.world import _available_photos, _load_photo, _prepare_root
+from uvd.pipelines import pairing as P
+from uvd.pipelines import render
+from uvd.pipelines.coco import UNANNOTATED
 from uvd import records as R
 
 WIDTH, HEIGHT = 192, 144
@@ -362,7 +362,7 @@ def build_voc_world(root: Path, num_images: int = 16, seed: int = 0) -> dict:
     (palette PNGs, 255 on object boundaries), `ImageSets/Segmentation/{train,val,trainval}.txt`; plus
     detection-only JPEGs in no list. Broken on purpose: a listed name with no JPEG, a listed image
     without label map."""
-    from pipelines.render import PALETTE
+    from uvd.pipelines.render import PALETTE
 
     root = _prepare_root(root)
     base = root / "VOCdevkit" / "VOC2012"

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from demo.world import _prepare_root
-from pipelines.objaverse import BROKEN_MESH
-from pipelines.pairing import MISSING_ANNOTATION, UNPAIRED
-from pipelines.render import BAD_ANNOTATION
-from pipelines.video import CORRUPT_VIDEO, TOO_SHORT, TRUNCATED_VIDEO
+from uvd.demo.world import _prepare_root
+from uvd.pipelines.objaverse import BROKEN_MESH
+from uvd.pipelines.pairing import MISSING_ANNOTATION, UNPAIRED
+from uvd.pipelines.render import BAD_ANNOTATION
+from uvd.pipelines.video import CORRUPT_VIDEO, TOO_SHORT, TRUNCATED_VIDEO
 from uvd import records as R
 
 VIDEO_W, VIDEO_H = 160, 120

@@ -2,8 +2,8 @@
 
     uvd train recipes/train/tiny.yaml    uvd eval OUT --data RUN    uvd prompt OUT --data RUN
 """
-from model.config import BOS_ID, EOS_ID, MODEL_SIZES, PAD_ID, VOCAB_SIZE, ModelConfig, TrainConfig, load_train_config
-from model.llama import LLaMA
+from uvd.model.config import BOS_ID, EOS_ID, MODEL_SIZES, PAD_ID, VOCAB_SIZE, ModelConfig, TrainConfig, load_train_config
+from uvd.model.llama import LLaMA
 
 __all__ = ["BOS_ID", "EOS_ID", "MODEL_SIZES", "PAD_ID", "VOCAB_SIZE", "ModelConfig", "TrainConfig", "LLaMA",
            "load_train_config"]

@@ -30,8 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from model.config import ModelConfig
-from model.llama import LLaMA
+from uvd.model.config import ModelConfig
+from uvd.model.llama import LLaMA
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-from model.config import BOS_ID, EOS_ID, VOCAB_SIZE
+from uvd.model.config import BOS_ID, EOS_ID, VOCAB_SIZE
 from uvd.manifest import read_manifest
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig, train_config_from_dict
-from model.data import PackedLoader, check_vocab_size, iter_rows
-from model.llama import LLaMA
+from uvd.model.config import BOS_ID, TOKENS_PER_IMAGE, TrainConfig, train_config_from_dict
+from uvd.model.data import PackedLoader, check_vocab_size, iter_rows
+from uvd.model.llama import LLaMA
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ def ablation_variants(config: TrainConfig, leave_out: list[str]) -> dict[str, Tr
 
 def ablate(config: TrainConfig, leave_out: list[str], eval_runs: list[str] | None = None) -> dict[str, Any]:
     """Train one run per variant, everything else equal, and evaluate each on the same held-out runs."""
-    from model.checkpoint import load_model
-    from model.train import train
+    from uvd.model.checkpoint import load_model
+    from uvd.model.train import train
 
     eval_runs = eval_runs or config.eval.runs or config.data.runs
     results = {}

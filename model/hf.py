@@ -1,6 +1,6 @@
 """Export and import the weights in Hugging Face's `LlamaForCausalLM` layout.
 
-    uvd train ... ; python -c "from model.hf import export_hf; export_hf('out/train/tiny', 'out/hf/tiny')"
+    uvd train ... ; python -c "from uvd.model.hf import export_hf; export_hf('out/train/tiny', 'out/hf/tiny')"
 
 Our modules carry HF's names (less the `model.` prefix of the decoder) and our RoPE is HF's
 rotate-half form, so the conversion renames keys and writes `config.json`; no permutation of
@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from model.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
-from model.llama import LLaMA
+from uvd.model.config import BOS_ID, EOS_ID, PAD_ID, ModelConfig
+from uvd.model.llama import LLaMA
 
 
 def to_hf_name(name: str) -> str:
@@ -56,7 +56,7 @@ def hf_config(config: ModelConfig) -> dict:
 def export_hf(model: LLaMA | str | Path, out_dir: str | Path) -> Path:
     """Write `config.json` + `model.safetensors` (HF names) for a model or a checkpoint/training folder."""
     if not isinstance(model, LLaMA):
-        from model.checkpoint import load_model
+        from uvd.model.checkpoint import load_model
 
         model = load_model(model)
     if model.config.moe_experts:

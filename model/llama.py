@@ -14,8 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from model.config import NUM_VISUAL_TOKENS, VOCAB_SIZE, ModelConfig
-from model.moe import MoE, token_attributes
+from uvd.model.config import NUM_VISUAL_TOKENS, VOCAB_SIZE, ModelConfig
+from uvd.model.moe import MoE, token_attributes
 
 
 class RMSNorm(nn.Module):

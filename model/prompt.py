@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
-from model.data import discover_runs, iter_sentences
-from model.llama import LLaMA
-from tokenizer.runs import load_run_tokenizer
+from uvd.model.config import BOS_ID, NUM_VISUAL_TOKENS, TOKENS_PER_IMAGE
+from uvd.model.data import discover_runs, iter_sentences
+from uvd.model.llama import LLaMA
+from uvd.tokenizer.runs import load_run_tokenizer
 from uvd.manifest import recipe_tokenizer_section
 from uvd.registry import get_tokenizer_stage, register_trainer_demo
 
@@ -96,7 +96,7 @@ def sheet_title(mode: str, task: str, model: LLaMA, model_path: str | Path | Non
     params = sum(p.numel() for p in model.parameters())
     where, steps = "(in memory)", "?"
     if model_path is not None:
-        from model.checkpoint import checkpoint_info, resolve_checkpoint
+        from uvd.model.checkpoint import checkpoint_info, resolve_checkpoint
 
         try:
             ckpt = resolve_checkpoint(model_path)
@@ -152,9 +152,9 @@ def demo_lvm(runs: str | Path, out: str | Path, max_steps: int = 300, task: str 
     """The demo's last step: train the tiny LVM on the demo shards under `runs` (a few minutes on
     2 CPU cores), then one analogy prompt (5 pairs + a query; category groups hold same-class
     pairs) written as `out/analogy.png`. Resumes if `out/lvm` already holds checkpoints."""
-    from model.config import load_train_config
-    from model.checkpoint import load_model
-    from model.train import train
+    from uvd.model.config import load_train_config
+    from uvd.model.checkpoint import load_model
+    from uvd.model.train import train
 
     recipe = Path(__file__).resolve().parents[1] / "recipes" / "train" / "tiny.yaml"
     out = Path(out)

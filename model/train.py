@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model  # noqa: F401
-from model.config import OptimOptions, TrainConfig
-from model.data import PackedLoader, Prefetcher, fit_vocab_size, shares_of
-from model.llama import LLaMA
+from uvd.model.checkpoint import latest_checkpoint, load_checkpoint, load_model, save_checkpoint, save_model  # noqa: F401
+from uvd.model.config import OptimOptions, TrainConfig
+from uvd.model.data import PackedLoader, Prefetcher, fit_vocab_size, shares_of
+from uvd.model.llama import LLaMA
 
 logger = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pipelines import pairing as P
-from pipelines.render import BAD_ANNOTATION, MISMATCHED_ANNOTATION, render_segmentation
+from uvd.pipelines import pairing as P
+from uvd.pipelines.render import BAD_ANNOTATION, MISMATCHED_ANNOTATION, render_segmentation
 from uvd import records as R
 from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source

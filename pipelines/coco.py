@@ -21,9 +21,9 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines import coco_masks
-from pipelines import pairing as P
-from pipelines import render
+from uvd.pipelines import coco_masks
+from uvd.pipelines import pairing as P
+from uvd.pipelines import render
 from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
 from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, limit_items, resolve_inputs

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from pipelines import render
+from uvd.pipelines import render
 from uvd.records import RejectError
 
 MAX_CATEGORIES = render.IGNORE_LABEL - 1  # values 1..254; 255 is the ignore label

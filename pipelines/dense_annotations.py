@@ -16,8 +16,8 @@ from typing import Iterable, Iterator
 import cv2
 import numpy as np
 
-from pipelines import pairing as P
-from pipelines import render
+from uvd.pipelines import pairing as P
+from uvd.pipelines import render
 from uvd import records as R
 from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines import pairing as P
-from pipelines import render
+from uvd.pipelines import pairing as P
+from uvd.pipelines import render
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, limit_items, resolve_inputs, split_chunk

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines import pairing as P
-from pipelines import text as T
-from pipelines.coco import _image_files, _parse_unit, split_units
-from pipelines.laion import LaionOptions, LaionSource
+from uvd.pipelines import pairing as P
+from uvd.pipelines import text as T
+from uvd.pipelines.coco import _image_files, _parse_unit, split_units
+from uvd.pipelines.laion import LaionOptions, LaionSource
 from uvd import records as R
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source

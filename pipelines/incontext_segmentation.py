@@ -20,10 +20,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from pipelines import coco_masks
-from pipelines import pairing as P
-from pipelines import text as T
-from pipelines.coco import UNANNOTATED, _image_files, _parse_unit, read_coco_json, split_units
+from uvd.pipelines import coco_masks
+from uvd.pipelines import pairing as P
+from uvd.pipelines import text as T
+from uvd.pipelines.coco import UNANNOTATED, _image_files, _parse_unit, read_coco_json, split_units
 from uvd import records as R
 from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source

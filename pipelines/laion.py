@@ -21,7 +21,7 @@ from typing import Any, Iterable, Iterator
 
 import pyarrow.parquet as pq
 
-from pipelines.laion_shards import (  # noqa: F401  (UNSUPPORTED_MEMBER: a reason this source gives, via the readers)
+from uvd.pipelines.laion_shards import (  # noqa: F401  (UNSUPPORTED_MEMBER: a reason this source gives, via the readers)
     IMAGE_EXTENSIONS, STREAM_PREFIXES, TAR_SUFFIXES, UNSUPPORTED_MEMBER, Sample, ShardBroken, folder_samples,
     image_column, jsonable, parquet_samples, split_key, stream_name, tar_samples,
 )

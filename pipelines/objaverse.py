@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
+from uvd.pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
     BROKEN_MESH, NUM_VIEWS, PLATFORMS, YFOV, MeshRenderer, multiview_cameras,
 )
 from uvd.records import INCOMPLETE_WINDOW, Item, Reject, RejectError, Sentence

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from pipelines import pairing as P
+from uvd.pipelines import pairing as P
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import (

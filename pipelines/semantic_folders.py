@@ -18,8 +18,8 @@ from typing import Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from pipelines import pairing as P
-from pipelines import render
+from uvd.pipelines import pairing as P
+from uvd.pipelines import render
 from uvd.records import Item, Reject, RejectError, Sentence
 from uvd.registry import register_source
 from uvd.source import (

@@ -8,8 +8,8 @@ import pytest
 
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
-import pipelines  # noqa: E402,F401  (registers the sources)
-import tokenizer  # noqa: E402,F401  (registers the tokenizer stage)
+import uvd.pipelines  # noqa: E402,F401  (registers the sources)
+import uvd.tokenizer  # noqa: E402,F401  (registers the tokenizer stage)
 
 # Fast settings for tests: the tiny tokenizer config, small shards.
 TEST_OVERRIDES = [
@@ -42,7 +42,7 @@ def ray_local():
 
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
-    from demo.world import build_demo_world
+    from uvd.demo.world import build_demo_world
 
     root = tmp_path_factory.mktemp("world")
     return build_demo_world(root, seed=0, small=True)

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_OVERRIDES
-from pipelines import pairing as P
+from uvd.pipelines import pairing as P
 from uvd import manifest as M
 from uvd.recipe import load_recipe, recipe_from_dict
 from uvd.records import Item
@@ -31,7 +31,7 @@ JOBS = {
 
 @pytest.fixture(scope="module")
 def annotated(tmp_path_factory):
-    from demo.world_annotated import build_annotated_world
+    from uvd.demo.world_annotated import build_annotated_world
 
     return build_annotated_world(tmp_path_factory.mktemp("annotated") / "world", seed=0)
 

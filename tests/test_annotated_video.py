@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TEST_OVERRIDES
-from pipelines.annotated_video import count_images, layout_images
-from pipelines.render import PALETTE
+from uvd.pipelines.annotated_video import count_images, layout_images
+from uvd.pipelines.render import PALETTE
 from uvd import manifest as M
 from uvd.recipe import load_recipe, recipe_from_dict
 from uvd.runner import run_recipe
@@ -21,7 +21,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 @pytest.fixture(scope="module")
 def clips(tmp_path_factory):
-    from demo.world_media import build_annotated_video_world
+    from uvd.demo.world_media import build_annotated_video_world
 
     return build_annotated_video_world(tmp_path_factory.mktemp("annotated_video") / "world", seed=0)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from tokenizer.checkpoints import (
+from uvd.tokenizer.checkpoints import (
     convert,
     detect_layout,
     diffusers_config,
@@ -17,9 +17,9 @@ from tokenizer.checkpoints import (
     open_muse_config,
     save_checkpoint_dir,
 )
-from tokenizer.encode import ImageTokenizer
-from tokenizer.checkpoints import load_tokenizer
-from tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, weights_sha256
+from uvd.tokenizer.encode import ImageTokenizer
+from uvd.tokenizer.checkpoints import load_tokenizer
+from uvd.tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, weights_sha256
 
 # The released LVM tokenizer's open-muse config.json, and aMUSEd's vqvae/config.json (the same weights).
 LVM_OPEN_MUSE = {

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import TEST_OVERRIDES
-from pipelines import coco_masks, render
-from pipelines import pairing as P
+from uvd.pipelines import coco_masks, render
+from uvd.pipelines import pairing as P
 from uvd.records import RejectError
 from plain_run import run_plain
 from uvd.recipe import load_recipe
@@ -24,7 +24,7 @@ RECIPE = Path(__file__).parents[1] / "recipes" / "coco.yaml"
 
 @pytest.fixture(scope="module")
 def coco_world(tmp_path_factory):
-    from demo.world_annotated import build_coco_world
+    from uvd.demo.world_annotated import build_coco_world
 
     return build_coco_world(tmp_path_factory.mktemp("coco") / "coco", seed=1)
 
@@ -156,7 +156,7 @@ def test_unavailable_task_is_logged_once_and_noted(coco_world, tmp_path, caplog)
     (root / "annotations/person_keypoints_val.json").unlink()
     rec = recipe(root, "sentence.images_per_unit=8")
     source = get_source("coco")(rec)
-    with caplog.at_level(logging.WARNING, logger="pipelines.coco"):
+    with caplog.at_level(logging.WARNING, logger="uvd.pipelines.coco"):
         units = source.list_units()
     warnings = [r.getMessage() for r in caplog.records if "val: task pose is unavailable" in r.getMessage()]
     assert len(warnings) == 1 and "person_keypoints_val.json" in warnings[0]

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, UnidentifiedImageError
 
-from demo.world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
+from uvd.demo.world import IMAGENET_CLASSES, build_demo_world, build_imagenet_world, build_laion_world
 
 REASONS = {
     "download_failed", "empty_file", "not_an_image", "truncated_image",
@@ -243,10 +243,10 @@ def _reason_codes() -> dict[str, str]:
     import importlib
     import pkgutil
 
-    import pipelines
+    import uvd.pipelines as pipelines
     from uvd import records as R
 
-    modules = [R, *(importlib.import_module(f"pipelines.{m.name}") for m in pkgutil.iter_modules(pipelines.__path__) if not m.ispkg)]
+    modules = [R, *(importlib.import_module(f"uvd.pipelines.{m.name}") for m in pkgutil.iter_modules(pipelines.__path__) if not m.ispkg)]
     codes = {}
     for module in modules:
         for name, value in vars(module).items():
@@ -272,7 +272,7 @@ def test_demo_imports_reject_codes_instead_of_spelling_them():
 
 
 def test_demo_runs_every_shipped_recipe_with_the_bundled_tokenizer():
-    from demo.run import DEMO_JOBS, demo_overrides
+    from uvd.demo.run import DEMO_JOBS, demo_overrides
     from uvd.config import recipes_dir
 
     assert sorted(name for name, _ in DEMO_JOBS) == sorted(p.name for p in recipes_dir().glob("*.yaml"))

@@ -1,5 +1,6 @@
-"""Dependencies point one way: `uvd/` (the core) never imports the plug-ins (`pipelines`, `tokenizer`,
-`model`, `demo`), which the registry finds lazily; no import cycles among the project's modules; the
+"""Dependencies point one way: `uvd/` (the core) never imports the plug-ins (`uvd.pipelines`,
+`uvd.tokenizer`, `uvd.model`, `uvd.demo`, kept in the repo's top-level folders `pipelines/`, `tokenizer/`,
+`model/`, `demo/`), which the registry finds lazily; no import cycles among the project's modules; the
 commands that need no model never import torch; the plug-in table and the package list match pyproject."""
 import ast
 import json
@@ -11,13 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("uvd", "pipelines", "tokenizer", "model", "demo")
-PLUGIN_PACKAGES = ("pipelines", "tokenizer", "model", "demo")
+PACKAGES = ("uvd", "pipelines", "tokenizer", "model", "demo")  # folders in the repo
+PLUGIN_PACKAGES = ("uvd.pipelines", "uvd.tokenizer", "uvd.model", "uvd.demo")  # their packages (pyproject package-dir)
 
 
 def _module_name(path: Path) -> str:
     parts = path.relative_to(ROOT).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    parts = parts[:-1] if parts[-1] == "__init__" else parts
+    return ".".join(parts if parts[0] == "uvd" else ("uvd", *parts))
+
+
+def _plugin(module: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in PLUGIN_PACKAGES)
 
 
 def project_modules() -> dict[str, Path]:
@@ -55,17 +61,17 @@ def import_graph() -> dict[str, set[str]]:
 
 def test_the_core_never_imports_the_plugins():
     graph = import_graph()
-    offenders = {name: sorted(t for t in targets if t.split(".")[0] in PLUGIN_PACKAGES)
-                 for name, targets in graph.items() if name.split(".")[0] == "uvd"}
+    offenders = {name: sorted(t for t in targets if _plugin(t)) for name, targets in graph.items() if not _plugin(name)}
+    assert len(offenders) > 15 and "uvd.runner" in offenders
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
 def test_the_graph_sees_imports_inside_functions():
     """The checker itself: a lazy import inside a function counts, and `from pkg import mod` resolves to the module."""
     graph = import_graph()
-    assert "tokenizer.encode" in graph["tokenizer.view"]  # imported inside _stage()
-    assert "pipelines.pairing" in graph["pipelines.coco"]  # from pipelines import pairing as P
-    assert "uvd.records" in graph["demo.world"]  # from uvd import records as R
+    assert "uvd.tokenizer.encode" in graph["uvd.tokenizer.view"]  # imported inside _stage()
+    assert "uvd.pipelines.pairing" in graph["uvd.pipelines.coco"]  # from uvd.pipelines import pairing as P
+    assert "uvd.records" in graph["uvd.demo.world"]  # from uvd import records as R
 
 
 def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -111,8 +117,10 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def _modules_after(code: str) -> set[str]:
-    """Top-level names of the modules loaded after running `code` in a fresh interpreter in the repo root."""
-    script = f"import sys, json\n{code}\nprint(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    """The modules loaded after running `code` in a fresh interpreter in the repo root: top-level names, and
+    the plug-in packages by their `uvd.X` names."""
+    script = (f"import sys, json\n{code}\n"
+              "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} | {'.'.join(m.split('.')[:2]) for m in sys.modules if m.startswith('uvd.')})))")
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HOME": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
@@ -167,9 +175,9 @@ def test_commands_that_need_no_model_import_no_torch(argv, small_run):
             "assert code == 0, code")
     loaded = _modules_after(code)
     assert "torch" not in loaded
-    assert not loaded & {"model", "demo"}
+    assert not loaded & {"uvd.model", "uvd.demo"}
     if argv[0] != "validate":  # validating a tokenizer recipe reads tokenizer/config.py (presets), torch-free
-        assert "tokenizer" not in loaded
+        assert "uvd.tokenizer" not in loaded
 
 
 def test_plugin_table_matches_pyproject_and_imports():
@@ -184,13 +192,13 @@ def test_plugin_table_matches_pyproject_and_imports():
 def test_plugins_are_found_lazily():
     """In a fresh interpreter nothing is registered until asked for; then the plug-in table fills it."""
     code = ("from uvd import registry\nassert not registry.SOURCES and not registry.TOKENIZER_STAGE\n"
-            "assert registry.get_source('laion').__module__ == 'pipelines.laion'\n"
+            "assert registry.get_source('laion').__module__ == 'uvd.pipelines.laion'\n"
             "assert len(registry.SOURCES) >= 9\n"
-            "assert registry.get_tokenizer_stage().__module__ == 'tokenizer.encode'\n"
+            "assert registry.get_tokenizer_stage().__module__ == 'uvd.tokenizer.encode'\n"
             "try:\n    registry.get_source('nope')\nexcept ValueError as err:\n"
             "    assert 'known sources: ' in str(err) and 'laion' in str(err), err\nelse:\n    raise AssertionError")
     loaded = _modules_after(code)
-    assert {"pipelines", "tokenizer", "torch"} <= loaded and "model" not in loaded
+    assert {"uvd.pipelines", "uvd.tokenizer", "torch"} <= loaded and "uvd.model" not in loaded
     with pytest.raises(KeyError, match="unknown plug-in"):
         __import__("uvd.registry").registry.plugin("no_such_plugin")
 
@@ -201,6 +209,10 @@ def test_pyproject_packages_cover_every_package_folder():
     on_disk = {_module_name(p.parent / "__init__.py") for package in PACKAGES for p in (ROOT / package).rglob("__init__.py")}
     assert on_disk <= listed
     assert tool["package-dir"]["uvd.recipes"] == "recipes"
+    # The design's folders stay top-level in the repo; the wheel installs them under uvd/ and claims no
+    # generic top-level names (`model`, `tokenizer`, ...).
+    assert {k: v for k, v in tool["package-dir"].items() if k != "uvd.recipes"} == {f"uvd.{p}": p for p in PACKAGES[1:]}
+    assert all(name == "uvd" or name.startswith("uvd.") for name in listed)
     config_folders = {f"uvd.recipes.{p.name}" for p in (ROOT / "recipes").iterdir() if p.is_dir()}
     assert config_folders | {"uvd.recipes"} <= listed
 
@@ -216,7 +228,20 @@ def test_another_package_adds_a_source_through_an_entry_point(tmp_path):
         "from uvd.registry import register_source\n\n@register_source\nclass ToySource:\n    name = 'toy'\n")
     code = ("from uvd import registry\nassert 'toy_sources' in registry.plugin_targets('sources')\n"
             "assert registry.get_source('toy').__module__ == 'toy_sources'\n"
-            "assert registry.get_source('laion').__module__ == 'pipelines.laion'\n")
+            "assert registry.get_source('laion').__module__ == 'uvd.pipelines.laion'\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                             env={"PYTHONPATH": f"{ROOT}:{site}", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_no_module_is_imported_under_a_top_level_folder_name():
+    """From the repo root the folders `tokenizer/`, `pipelines/`, ... are importable as top-level
+    packages too; the code must only ever use their `uvd.` names (a second copy of a module breaks
+    registries, and Ray workers, which lack the repo root, could not unpickle its classes)."""
+    names = sorted(n for n in project_modules() if not n.startswith("uvd.demo"))
+    code = "import importlib\n" + "".join(f"importlib.import_module({n!r})\n" for n in names) + (
+        "import uvd.tokenizer as T\nfor name in T.__all__: getattr(T, name)\n"
+        "from uvd import registry\nfor name in registry.PLUGINS: registry.plugin(name)\n")
+    loaded = _modules_after(code)
+    assert "uvd.pipelines" in loaded and "uvd.model" in loaded
+    assert not loaded & {"pipelines", "tokenizer", "model", "demo"}

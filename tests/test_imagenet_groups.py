@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines.imagenet_groups import ImagenetGroupsSource
+from uvd.pipelines.imagenet_groups import ImagenetGroupsSource
 from uvd import records as R
 from uvd.recipe import recipe_from_dict
 from uvd.records import ImageRecord, Reject, Sentence

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TEST_OVERRIDES
-from pipelines import text as T
+from uvd.pipelines import text as T
 from plain_run import run_plain
 from uvd.records import ImageRecord, Sentence
 from uvd.recipe import load_recipe
@@ -34,14 +34,14 @@ def text_tokenizer(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def laion_world(tmp_path_factory):
-    from demo.world import build_laion_world
+    from uvd.demo.world import build_laion_world
 
     return build_laion_world(tmp_path_factory.mktemp("laion") / "laion", num_shards=1, images_per_shard=24, seed=3)
 
 
 @pytest.fixture(scope="module")
 def coco_world(tmp_path_factory):
-    from demo.world_annotated import build_coco_world
+    from uvd.demo.world_annotated import build_coco_world
 
     return build_coco_world(tmp_path_factory.mktemp("coco") / "coco", seed=1)
 
@@ -174,10 +174,10 @@ def test_segmentation_sentences_keep_one_class(text_tokenizer, coco_world):
 def test_incontext_round_trip_through_ray_loader_and_model(ray_local, text_tokenizer, laion_world, coco_world, tmp_path):
     import torch
 
-    from model.config import VOCAB_SIZE, ModelConfig
-    from model.data import PackedLoader, check_vocab_size, data_vocab_size
-    from model.evaluate import eval_examples, evaluate
-    from model.llama import LLaMA
+    from uvd.model.config import VOCAB_SIZE, ModelConfig
+    from uvd.model.data import PackedLoader, check_vocab_size, data_vocab_size
+    from uvd.model.evaluate import eval_examples, evaluate
+    from uvd.model.llama import LLaMA
     from uvd import manifest as M
     from uvd.runner import run_recipe
     from uvd.stats import compute_stats

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines import render
-from pipelines.labelers import LabelersOptions, LabelerStage, build_labeler, decode_label, encode_label
-from pipelines.labelers.edges import EdgesLabeler, _hed_network
-from pipelines.labelers.normals import normals_from_depth
-from pipelines.labelers.pose import draw_people
+from uvd.pipelines import render
+from uvd.pipelines.labelers import LabelersOptions, LabelerStage, build_labeler, decode_label, encode_label
+from uvd.pipelines.labelers.edges import EdgesLabeler, _hed_network
+from uvd.pipelines.labelers.normals import normals_from_depth
+from uvd.pipelines.labelers.pose import draw_people
 
 HAS_MMPOSE = importlib.util.find_spec("mmpose") is not None
 

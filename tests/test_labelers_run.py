@@ -13,8 +13,8 @@ import torch
 import yaml
 
 from conftest import TEST_OVERRIDES
-from pipelines import render
-from pipelines.labelers import decode_label
+from uvd.pipelines import render
+from uvd.pipelines.labelers import decode_label
 from uvd import layout as L
 from uvd import manifest as M
 from uvd.recipe import load_recipe
@@ -54,7 +54,7 @@ MODELS = lambda depth: [  # noqa: E731
 
 @pytest.fixture(scope="module")
 def laion_world(tmp_path_factory):
-    from demo.world import build_laion_world
+    from uvd.demo.world import build_laion_world
 
     return build_laion_world(tmp_path_factory.mktemp("laion_world"), num_shards=1, images_per_shard=40, seed=0)
 
@@ -212,7 +212,7 @@ def test_labels_files_are_the_runs_own(tmp_path):
 def test_on_a_pairing_source_the_labeler_joins_its_task_list(ray_local, tmp_path):
     """derived_pairs: the labeler's name is one more task beside colorization and inpainting, and
     the multi-annotation tuples mix the derived images with the labeler's."""
-    from demo.world_annotated import build_photo_folder
+    from uvd.demo.world_annotated import build_photo_folder
 
     photos = build_photo_folder(tmp_path / "photos", num_images=16)
     recipe = labeled_recipe(tmp_path, photos["path"], [{"name": "edges", "kind": "edges", "cpus_per_actor": 0.25}],

@@ -17,9 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipelines import laion as L
-from pipelines.laion import LaionSource
-from pipelines.laion_shards import split_key, tar_samples
+from uvd.pipelines import laion as L
+from uvd.pipelines.laion import LaionSource
+from uvd.pipelines.laion_shards import split_key, tar_samples
 from uvd import records as R
 from uvd.records import TOO_LARGE
 from uvd.recipe import recipe_from_dict

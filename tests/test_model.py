@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.config import (BOS_ID, EOS_ID, MODEL_SIZES, PAD_ID, VOCAB_SIZE, ModelConfig, load_train_config,
+from uvd.model.config import (BOS_ID, EOS_ID, MODEL_SIZES, PAD_ID, VOCAB_SIZE, ModelConfig, load_train_config,
                           model_config, train_config_from_dict)
-from model.hf import export_hf, import_hf
-from model.llama import LLaMA, sample
+from uvd.model.hf import export_hf, import_hf
+from uvd.model.llama import LLaMA, sample
 
 TRAIN_RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes" / "train").glob("*.yaml"))
 
@@ -96,7 +96,7 @@ def test_chunked_cross_entropy_equals_the_full_one(chunk):
 
 
 def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_the_full_one():
-    from model.llama import chunked_cross_entropy
+    from uvd.model.llama import chunked_cross_entropy
 
     h = torch.randn(64, 32, requires_grad=True)
     w = (torch.randn(500, 32) * 0.1).requires_grad_()
@@ -115,7 +115,7 @@ def test_chunked_cross_entropy_under_bf16_autocast_is_close_to_the_full_one():
 
 def test_grouped_query_attention_equals_the_repeated_heads_reference():
     """SDPA's own GQA (enable_gqa) against k, v repeated per query head, with and without a cache."""
-    from model.llama import apply_rope
+    from uvd.model.llama import apply_rope
 
     model = tiny(num_kv_heads=2).eval()
     attn = model.layers[0].self_attn
@@ -131,7 +131,7 @@ def test_grouped_query_attention_equals_the_repeated_heads_reference():
     ref = attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
     with torch.no_grad():
         torch.testing.assert_close(attn(x, cos, sin), ref, atol=1e-5, rtol=1e-5)
-        from model.llama import KVCache
+        from uvd.model.llama import KVCache
 
         cache = KVCache(model.config, 2, 24, "cpu", torch.float32)
         parts = [attn(x[:, :20], cos[:20], sin[:20], cache)]
@@ -141,7 +141,7 @@ def test_grouped_query_attention_equals_the_repeated_heads_reference():
 
 
 def test_prompt_length_guard_counts_the_positions_the_model_sees():
-    from model.prompt import prompt, prompt_positions
+    from uvd.model.prompt import prompt, prompt_positions
 
     assert prompt_positions(15, 1) == 4096  # the default sequential prompt fits the LVM's 4096
     assert prompt_positions(2 * 7 + 1, 1) == 4096  # analogy --context 7
@@ -157,7 +157,7 @@ def test_kv_cache_matches_the_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 8192, (2, 40))
     full, _ = model(idx)
-    from model.llama import KVCache
+    from uvd.model.llama import KVCache
 
     cache = KVCache(model.config, 2, 40, "cpu", torch.float32)
     parts = [model(idx[:, :25], cache=cache)[0], model(idx[:, 25:30], cache=cache)[0]]

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import latest_checkpoint, load_model
-from model.config import model_config, train_config_from_dict
-from model.data import PackedLoader, Prefetcher, find_components
-from model.hf import export_hf
-from model.llama import LLaMA
-from model.moe import MoE
-from model.train import TaskGradBalance, train
+from uvd.model.checkpoint import latest_checkpoint, load_model
+from uvd.model.config import model_config, train_config_from_dict
+from uvd.model.data import PackedLoader, Prefetcher, find_components
+from uvd.model.hf import export_hf
+from uvd.model.llama import LLaMA
+from uvd.model.moe import MoE
+from uvd.model.train import TaskGradBalance, train
 from test_train import config, eval_runs, runs  # noqa: F401  (module fixtures of synthetic runs)
 
 
@@ -87,7 +87,7 @@ def test_attribute_routing_sends_each_modality_to_its_experts():
     model = LLaMA(model_config("tiny", max_seq_len=64, moe_experts=4, moe_every=1, moe_routing="attribute"))
     layer = model.layers[0].mlp
     idx = torch.tensor([[8193, 5, 900, 8000, 8194, 8192, 42]])  # BOS, visual..., EOS, PAD, visual
-    from model.moe import token_attributes
+    from uvd.model.moe import token_attributes
 
     attributes = token_attributes(idx, 8192, 100)
     assert attributes.tolist() == [[1, 0, 0, 0, 1, 1, 0]]
@@ -208,7 +208,7 @@ def test_task_gradient_balancing_equalizes_the_tasks_gradient_norms():
 
 
 def test_ablate_compares_dense_with_moe_and_mixed_with_task_batches(runs, eval_runs, tmp_path):  # noqa: F811
-    from model.evaluate import ablate, ablation_variants, format_results
+    from uvd.model.evaluate import ablate, ablation_variants, format_results
 
     cfg = config(runs, tmp_path / "abl", train={"max_steps": 2, "ckpt_every": 2, "batch_size": 2},
                  eval={"variants": {"moe": {"model.moe_experts": 4, "model.moe_top_k": 2},

@@ -14,8 +14,8 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from conftest import TEST_OVERRIDES  # noqa: E402
-from pipelines.mesh_render import multiview_cameras  # noqa: E402
-from pipelines.objaverse import ObjaverseOptions, view_key, view_windows  # noqa: E402
+from uvd.pipelines.mesh_render import multiview_cameras  # noqa: E402
+from uvd.pipelines.objaverse import ObjaverseOptions, view_key, view_windows  # noqa: E402
 from uvd import manifest as M  # noqa: E402
 from uvd.recipe import load_recipe, recipe_from_dict  # noqa: E402
 from uvd.runner import run_recipe  # noqa: E402
@@ -26,7 +26,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 @pytest.fixture(scope="module")
 def meshes(tmp_path_factory):
-    from demo.world_media import build_mesh_world
+    from uvd.demo.world_media import build_mesh_world
 
     return build_mesh_world(tmp_path_factory.mktemp("meshes") / "world", seed=0)
 

@@ -5,7 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from pipelines import pairing as P
+from uvd.pipelines import pairing as P
 from uvd import records as R
 from uvd.records import ImageRecord, Reject, Sentence
 from uvd.source import UnitImages

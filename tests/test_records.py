@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipelines  # noqa: F401  (registers every source and its reject reasons)
-from pipelines import mesh_render, render, video
+import uvd.pipelines as pipelines  # registers every source and its reject reasons
+from uvd.pipelines import mesh_render, render, video
 from uvd import images
 from uvd import records as R
 

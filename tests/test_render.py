@@ -4,7 +4,7 @@ import colorsys
 import numpy as np
 import pytest
 
-from pipelines import render
+from uvd.pipelines import render
 from uvd.records import RejectError
 
 

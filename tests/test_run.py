@@ -78,7 +78,7 @@ def test_shard_rows_follow_the_contract(laion_run):
 
 def test_same_image_same_tokens(laion_run, world):
     """Tokens depend only on the image: the pipeline's tokens equal a direct encode."""
-    from tokenizer import ImageTokenizer
+    from uvd.tokenizer import ImageTokenizer
     from uvd.images import decode_image
     from uvd.recipe import FilterOptions, ImageOptions
 

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from conftest import TEST_OVERRIDES
-from pipelines import render
+from uvd.pipelines import render
 from plain_run import run_plain
 from uvd.recipe import load_recipe
 from uvd.registry import get_source
@@ -18,7 +18,7 @@ RECIPE = Path(__file__).parents[1] / "recipes" / "semantic_folders.yaml"
 
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
-    from demo.world_annotated import build_ade20k_world, build_voc_world
+    from uvd.demo.world_annotated import build_ade20k_world, build_voc_world
 
     root = tmp_path_factory.mktemp("semantic")
     return {"ade20k": build_ade20k_world(root / "ade20k", seed=0), "voc": build_voc_world(root / "voc", seed=0)}

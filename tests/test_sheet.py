@@ -7,11 +7,11 @@ import json
 import numpy as np
 from PIL import Image
 
-import tokenizer  # noqa: F401  (registers the tokenizer stage)
-from model.config import ModelConfig
-from model.llama import LLaMA
-from model.prompt import contact_sheet, sheet_title
-from tokenizer.encode import ImageTokenizer
+import uvd.tokenizer  # noqa: F401  (registers the tokenizer stage)
+from uvd.model.config import ModelConfig
+from uvd.model.llama import LLaMA
+from uvd.model.prompt import contact_sheet, sheet_title
+from uvd.tokenizer.encode import ImageTokenizer
 
 
 def test_title_names_task_model_steps_and_tokenizer(tmp_path):

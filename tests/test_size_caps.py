@@ -3,8 +3,8 @@ before any decoder sees them (tar members: tests/test_laion.py)."""
 import numpy as np
 import pytest
 
-from pipelines.objaverse import ObjaverseSource
-from pipelines.video import VideoSource
+from uvd.pipelines.objaverse import ObjaverseSource
+from uvd.pipelines.video import VideoSource
 from uvd.records import TOO_LARGE
 from uvd.recipe import recipe_from_dict
 

@@ -39,7 +39,7 @@ def test_limit_items_takes_the_first_and_stops_the_reader():
 def test_one_image_suffix_set():
     assert IMAGE_SUFFIXES[:2] == (".jpg", ".jpeg") and len(set(IMAGE_SUFFIXES)) == len(IMAGE_SUFFIXES)
     assert all(s.startswith(".") and s == s.lower() for s in IMAGE_SUFFIXES)
-    from pipelines import laion_shards
+    from uvd.pipelines import laion_shards
 
     assert laion_shards.IMAGE_EXTENSIONS == tuple(s[1:] for s in IMAGE_SUFFIXES)
 
@@ -68,7 +68,7 @@ def _read_all(recipe):
 
 
 def test_annotated_video_rejects_both_frames_of_a_clash_and_their_annotation(tmp_path):
-    from demo.world_media import build_annotated_video_world
+    from uvd.demo.world_media import build_annotated_video_world
 
     world = build_annotated_video_world(tmp_path / "world", seed=0)
     recipe = load_recipe(RECIPES / "annotated_video.yaml", [f"inputs={world['path']}", *TEST_OVERRIDES])
@@ -87,7 +87,7 @@ def test_annotated_video_rejects_both_frames_of_a_clash_and_their_annotation(tmp
 
 
 def test_dense_annotations_rejects_a_clashing_annotation(tmp_path):
-    from demo.world_annotated import build_annotated_world
+    from uvd.demo.world_annotated import build_annotated_world
 
     world = build_annotated_world(tmp_path / "world", seed=0)
     dense = Path(world["dense"]["path"])
@@ -104,7 +104,7 @@ def test_dense_annotations_rejects_a_clashing_annotation(tmp_path):
 
 
 def test_paired_folders_refuses_an_ambiguous_folder_when_listing(tmp_path):
-    from demo.world_annotated import build_annotated_world
+    from uvd.demo.world_annotated import build_annotated_world
 
     paired = Path(build_annotated_world(tmp_path / "world", seed=0)["paired"]["path"])
     recipe = load_recipe(RECIPES / "paired_folders.yaml", [f"inputs={paired}", "sentence.task=denoising", *TEST_OVERRIDES])
@@ -115,7 +115,7 @@ def test_paired_folders_refuses_an_ambiguous_folder_when_listing(tmp_path):
 
 
 def test_semantic_folders_rejects_both_images_of_a_clash(tmp_path):
-    from demo.world_annotated import build_ade20k_world
+    from uvd.demo.world_annotated import build_ade20k_world
 
     world = build_ade20k_world(tmp_path / "ade20k", seed=0)
     recipe = load_recipe(RECIPES / "semantic_folders.yaml", [f"inputs={world['path']}", *TEST_OVERRIDES])

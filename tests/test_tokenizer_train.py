@@ -11,13 +11,13 @@ import pytest
 import torch
 import yaml
 
-import pipelines  # noqa: F401  (registers the sources)
-from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
-from tokenizer.train import SourceImages, is_held_out, load_train_config, restart_dead_codes
-from tokenizer.checkpoints import load_tokenizer
-from tokenizer.vqgan import build_vqgan
+import uvd.pipelines  # noqa: F401  (registers the sources)
+from uvd.tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
+from uvd.tokenizer.train import SourceImages, is_held_out, load_train_config, restart_dead_codes
+from uvd.tokenizer.checkpoints import load_tokenizer
+from uvd.tokenizer.vqgan import build_vqgan
 from uvd.cli import main
-from demo.world_annotated import build_photo_folder
+from uvd.demo.world_annotated import build_photo_folder
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_holdout_split_is_stable():
     keys = [f"laion:{i:05d}" for i in range(2000)]
     held = [k for k in keys if is_held_out(k, 0.1)]
     # the same split in another process with another hash seed (no use of Python's salted hash())
-    code = "from tokenizer.train import is_held_out; print(sum(1 << i for i in range(2000) if is_held_out(f'laion:{i:05d}', 0.1)))"
+    code = "from uvd.tokenizer.train import is_held_out; print(sum(1 << i for i in range(2000) if is_held_out(f'laion:{i:05d}', 0.1)))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": os.pathsep.join(sys.path)}
     other = int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout)
     assert [k for i, k in enumerate(keys) if other >> i & 1] == held

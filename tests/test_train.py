@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.config import BOS_ID, EOS_ID, train_config_from_dict
-from model.checkpoint import latest_checkpoint, load_model
-from model.data import PackedLoader, Prefetcher, RowGroupReader, discover_runs, find_components
-from model.evaluate import ablation_variants, evaluate, format_results, heldout_seq_len
-from model.llama import LLaMA
-from model.train import lr_at, train
+from uvd.model.config import BOS_ID, EOS_ID, train_config_from_dict
+from uvd.model.checkpoint import latest_checkpoint, load_model
+from uvd.model.data import PackedLoader, Prefetcher, RowGroupReader, discover_runs, find_components
+from uvd.model.evaluate import ablation_variants, evaluate, format_results, heldout_seq_len
+from uvd.model.llama import LLaMA
+from uvd.model.train import lr_at, train
 from uvd.layout import shard_name
 from uvd.manifest import write_manifest
 from uvd.shards import write_shard
@@ -250,7 +250,7 @@ def test_runs_follow_symlinks_and_leave_out_incomplete_ones(tmp_path, caplog):
     for name in ("laion", "video", "coco"):
         (data / name).symlink_to(store / name, target_is_directory=True)
     (data / "loop").symlink_to(data, target_is_directory=True)  # a loop is walked once
-    with caplog.at_level(logging.WARNING, logger="model.data"):
+    with caplog.at_level(logging.WARNING, logger="uvd.model.data"):
         keys = {c.key for c in find_components([data])}
     assert keys == {"laion"}
     assert "video" in caplog.text and "'failed'" in caplog.text and "'running'" in caplog.text
@@ -266,7 +266,7 @@ def test_runs_follow_symlinks_and_leave_out_incomplete_ones(tmp_path, caplog):
 
 
 def test_lr_schedule():
-    from model.config import OptimOptions
+    from uvd.model.config import OptimOptions
 
     optim = OptimOptions(lr=1.0, end_lr=0.1, warmup_steps=10)
     assert lr_at(0, optim, 110) == pytest.approx(0.1)
@@ -330,7 +330,7 @@ def test_ablation_variants_leave_one_component_out(runs, tmp_path):
 
 
 def test_cli_train_eval_prompt(runs, eval_runs, tmp_path, capsys):
-    import tokenizer  # noqa: F401  (registers the tokenizer stage that decodes)
+    import uvd.tokenizer  # noqa: F401  (registers the tokenizer stage that decodes)
     from uvd.cli import main
 
     out = tmp_path / "cli"

@@ -16,10 +16,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from model.checkpoint import latest_checkpoint, load_model
-from model.config import model_config
-from model.llama import LLaMA
-from model.train import _forward_backward, train
+from uvd.model.checkpoint import latest_checkpoint, load_model
+from uvd.model.config import model_config
+from uvd.model.llama import LLaMA
+from uvd.model.train import _forward_backward, train
 from test_train import ROOT, _free_port, config, write_run
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}

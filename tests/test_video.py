@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import TEST_OVERRIDES
-from pipelines.video import VideoOptions, decode_accounting, frame_key, plan_windows
+from uvd.pipelines.video import VideoOptions, decode_accounting, frame_key, plan_windows
 from uvd import manifest as M
 from uvd.recipe import load_recipe, recipe_from_dict
 from uvd.records import ImageRecord
@@ -24,7 +24,7 @@ EXPECTED_TASKS = {"video_s10": 3 + 2 + 1, "video_s20": 1 + 1, "video_s30": 1}
 
 @pytest.fixture(scope="module")
 def videos(tmp_path_factory):
-    from demo.world_media import build_video_world
+    from uvd.demo.world_media import build_video_world
 
     return build_video_world(tmp_path_factory.mktemp("videos") / "world", seed=0)
 

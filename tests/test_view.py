@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenizer.encode import ImageTokenizer
-from tokenizer.vqgan import PRESETS, build_vqgan, save_tokenizer
+from uvd.tokenizer.encode import ImageTokenizer
+from uvd.tokenizer.vqgan import PRESETS, build_vqgan, save_tokenizer
 from uvd import manifest as M
 from uvd.cli import main
 from uvd.shards import write_shard
@@ -53,7 +53,7 @@ def test_view_shard_row_and_id(run_dir, tmp_path, capsys):
 
 
 def test_view_shard_decodes_with_the_run_tokenizer(run_dir, tmp_path):
-    from tokenizer.view import LABEL_HEIGHT, view_shard
+    from uvd.tokenizer.view import LABEL_HEIGHT, view_shard
 
     path = tmp_path / "sheet.png"
     message = view_shard(run_dir / "data/laion-000000-000.parquet", path, row=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenizer import (
+from uvd.tokenizer import (
     PRESETS,
     VQGAN,
     ImageTokenizer,

@@ -2,20 +2,20 @@
 
 The core finds what this package provides through `uvd.registry.PLUGINS` (the tokenizer
 stage, the run tokenizer, conversion, training, `uvd view`). The names below are imported on
-first use, so `import tokenizer.config` (presets, checked by `uvd validate`) needs no torch.
+first use, so `import uvd.tokenizer.config` (presets, checked by `uvd validate`) needs no torch.
 """
 
 import importlib
 
 _EXPORTS = {
-    "ImageTokenizer": "tokenizer.encode",
-    "load_tokenizer": "tokenizer.checkpoints",
-    "PRESETS": "tokenizer.config",
-    "VQGANConfig": "tokenizer.config",
-    "VQGAN": "tokenizer.vqgan",
-    "build_vqgan": "tokenizer.vqgan",
-    "save_tokenizer": "tokenizer.vqgan",
-    "weights_sha256": "tokenizer.vqgan",
+    "ImageTokenizer": ".encode",
+    "load_tokenizer": ".checkpoints",
+    "PRESETS": ".config",
+    "VQGANConfig": ".config",
+    "VQGAN": ".vqgan",
+    "build_vqgan": ".vqgan",
+    "save_tokenizer": ".vqgan",
+    "weights_sha256": ".vqgan",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -23,5 +23,5 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'tokenizer' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+        raise AttributeError(f"module 'uvd.tokenizer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenizer.vqgan import CONFIG_FILE, VQGAN, WEIGHTS_FILE, VQGANConfig, load_state_dict_strict
+from uvd.tokenizer.vqgan import CONFIG_FILE, VQGAN, WEIGHTS_FILE, VQGANConfig, load_state_dict_strict
 
 OPEN_MUSE_CLASS = "VQGANModel"
 DIFFUSERS_CLASS = "VQModel"
@@ -303,4 +303,4 @@ def load_tokenizer(path_dir: str | Path) -> tuple[VQGAN, VQGANConfig]:
 
 def demo_weights_dir() -> Path:
     """The bundled demo tokenizer (`small` preset trained on the demo world): tokenizer/weights/demo-small."""
-    return Path(str(importlib.resources.files("tokenizer").joinpath("weights", "demo-small")))
+    return Path(str(importlib.resources.files("uvd.tokenizer").joinpath("weights", "demo-small")))

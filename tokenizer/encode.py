@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from uvd.registry import register_tokenizer_stage
-from tokenizer.checkpoints import load_tokenizer
-from tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, resolve_config, weights_sha256
+from uvd.tokenizer.checkpoints import load_tokenizer
+from uvd.tokenizer.vqgan import PRESETS, VQGANConfig, build_vqgan, resolve_config, weights_sha256
 
 logger = logging.getLogger(__name__)
 

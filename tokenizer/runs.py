@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tokenizer.encode import ImageTokenizer
+from uvd.tokenizer.encode import ImageTokenizer
 from uvd import manifest as M
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from tokenizer.checkpoints import load_tokenizer
-from tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
-from tokenizer.train_config import DataEntry, TokenizerTrainConfig, TrainOptions, load_train_config  # noqa: F401  (re-exported)
-from tokenizer.vqgan import VQGAN, build_vqgan, resolve_config, save_tokenizer
+from uvd.tokenizer.checkpoints import load_tokenizer
+from uvd.tokenizer.losses import PatchDiscriminator, PerceptualLoss, discriminator_loss, generator_loss
+from uvd.tokenizer.train_config import DataEntry, TokenizerTrainConfig, TrainOptions, load_train_config  # noqa: F401  (re-exported)
+from uvd.tokenizer.vqgan import VQGAN, build_vqgan, resolve_config, save_tokenizer
 
 logger = logging.getLogger(__name__)
 

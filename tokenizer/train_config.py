@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tokenizer.config import resolve_config
+from uvd.tokenizer.config import resolve_config
 from uvd.config import from_mapping, load_yaml_config, resolve_config_path
 
 

@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tokenizer.checkpoints import demo_weights_dir
+from uvd.tokenizer.checkpoints import demo_weights_dir
 
 LABEL_HEIGHT = 30
 MAX_COLUMNS = 8
 
 
 def _stage():
-    from tokenizer.encode import ImageTokenizer
+    from uvd.tokenizer.encode import ImageTokenizer
 
     return ImageTokenizer
 
@@ -62,7 +62,7 @@ def _select_row(table, path: Path, row: int | None, sentence_id: str | None) -> 
 def _run_tokenizer(shard: Path):
     """The tokenizer that wrote the shard, from its run's manifest and recipe (found in the
     shard's folder or a folder above it, so a run may keep its shards in a subfolder)."""
-    from tokenizer.runs import load_run_tokenizer
+    from uvd.tokenizer.runs import load_run_tokenizer
     from uvd import manifest as M
 
     for folder in list(shard.resolve().parents)[:3]:

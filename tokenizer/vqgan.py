@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from tokenizer.config import CONFIG_FILE, PRESETS, WEIGHTS_FILE, VQGANConfig, resolve_config  # noqa: F401  (re-exported)
+from uvd.tokenizer.config import CONFIG_FILE, PRESETS, WEIGHTS_FILE, VQGANConfig, resolve_config  # noqa: F401  (re-exported)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:

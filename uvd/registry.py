@@ -15,24 +15,24 @@ PLUGIN_GROUP = "uvd.plugins"
 
 # name -> "module" (imported for the registrations it makes) or "module:attribute".
 PLUGINS: dict[str, str] = {
-    "sources": "pipelines",  # importing it registers every source (register_source)
-    "labelers": "pipelines.labelers",  # LabelersOptions (the recipe section's schema), build_labeler, LabelerStage, pair_labels
-    "tokenizer_stage": "tokenizer.encode:ImageTokenizer",  # the Ray stage's callable class
-    "run_tokenizer": "tokenizer.runs:load_run_tokenizer",  # run folder -> the tokenizer that made its shards
-    "demo_tokenizer": "tokenizer.checkpoints:demo_weights_dir",  # -> the bundled demo tokenizer's folder
-    "tokenizer_convert": "tokenizer.checkpoints:convert",
-    "tokenizer_train_config": "tokenizer.train_config:load_train_config",
-    "tokenizer_train": "tokenizer.train:train",
-    "view": "tokenizer.view:view",
-    "train_config": "model.config:load_train_config",
-    "train": "model.train:train",
-    "load_model": "model.checkpoint:load_model",
-    "evaluate": "model.evaluate:evaluate",
-    "ablate": "model.evaluate:ablate",
-    "format_eval": "model.evaluate:format_results",
-    "prompt": "model.prompt:prompt",
-    "demo_lvm": "model.prompt:demo_lvm",  # the demo's last step: train a tiny LVM, prompt it
-    "demo": "demo.run:run_demo",
+    "sources": "uvd.pipelines",  # importing it registers every source (register_source)
+    "labelers": "uvd.pipelines.labelers",  # LabelersOptions (the recipe section's schema), build_labeler, LabelerStage, pair_labels
+    "tokenizer_stage": "uvd.tokenizer.encode:ImageTokenizer",  # the Ray stage's callable class
+    "run_tokenizer": "uvd.tokenizer.runs:load_run_tokenizer",  # run folder -> the tokenizer that made its shards
+    "demo_tokenizer": "uvd.tokenizer.checkpoints:demo_weights_dir",  # -> the bundled demo tokenizer's folder
+    "tokenizer_convert": "uvd.tokenizer.checkpoints:convert",
+    "tokenizer_train_config": "uvd.tokenizer.train_config:load_train_config",
+    "tokenizer_train": "uvd.tokenizer.train:train",
+    "view": "uvd.tokenizer.view:view",
+    "train_config": "uvd.model.config:load_train_config",
+    "train": "uvd.model.train:train",
+    "load_model": "uvd.model.checkpoint:load_model",
+    "evaluate": "uvd.model.evaluate:evaluate",
+    "ablate": "uvd.model.evaluate:ablate",
+    "format_eval": "uvd.model.evaluate:format_results",
+    "prompt": "uvd.model.prompt:prompt",
+    "demo_lvm": "uvd.model.prompt:demo_lvm",  # the demo's last step: train a tiny LVM, prompt it
+    "demo": "uvd.demo.run:run_demo",
 }
 
 

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.labelers.base import Labeler
-from pipelines.labelers.depth import DepthLabeler
-from pipelines.labelers.edges import EdgesLabeler
-from pipelines.labelers.normals import NormalsLabeler
-from pipelines.labelers.pose import PoseLabeler
-from pipelines.labelers.segmentation import SegmentationLabeler
+from uvd.pipelines.labelers.base import Labeler
+from uvd.pipelines.labelers.depth import DepthLabeler
+from uvd.pipelines.labelers.edges import EdgesLabeler
+from uvd.pipelines.labelers.normals import NormalsLabeler
+from uvd.pipelines.labelers.pose import PoseLabeler
+from uvd.pipelines.labelers.segmentation import SegmentationLabeler
 
 LABELERS: dict[str, type[Labeler]] = {cls.kind: cls for cls in (DepthLabeler, NormalsLabeler, EdgesLabeler, SegmentationLabeler, PoseLabeler)}
 
@@ -181,7 +181,7 @@ def label_sentences(unit, names: list[str], rng, pairs_per_sentence: int = 8):
     one multi-annotation tuple per input. `unit` holds the inputs and the label images (meta
     `pair`, `role`); yields Sentences, and Rejects for label images no sentence used (inputs are
     accounted for by their source)."""
-    from pipelines.pairing import PairingOptions, assemble_unit
+    from uvd.pipelines.pairing import PairingOptions, assemble_unit
 
     labels = {im.key for im in unit.images if im.meta.get("role") in names}
     options = PairingOptions(pairs_per_sentence=pairs_per_sentence, tuples=len(names) >= 2)

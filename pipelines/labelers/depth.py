@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines import render
-from pipelines.labelers import hf
-from pipelines.labelers.base import Labeler, to_tensor
+from uvd.pipelines import render
+from uvd.pipelines.labelers import hf
+from uvd.pipelines.labelers.base import Labeler, to_tensor
 
 DEPTH_MODEL_TYPES = ("dpt", "depth_anything", "glpn", "zoedepth", "depth_pro", "prompt_depth_anything")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from pipelines import render
-from pipelines.labelers.base import Labeler, require_path
+from uvd.pipelines import render
+from uvd.pipelines.labelers.base import Labeler, require_path
 
 
 def _hed_network():

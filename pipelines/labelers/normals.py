@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines import render
-from pipelines.labelers.base import Labeler, require_path, to_tensor
+from uvd.pipelines import render
+from uvd.pipelines.labelers.base import Labeler, require_path, to_tensor
 
 
 def normals_from_depth(depth: np.ndarray, fov_degrees: float = 60.0) -> np.ndarray:
@@ -58,7 +58,7 @@ class NormalsLabeler(Labeler):
 
         self.torch_dtype = getattr(torch, self.dtype_name)
         if depth_weights is not None:
-            from pipelines.labelers.depth import DepthLabeler
+            from uvd.pipelines.labelers.depth import DepthLabeler
 
             self.depth = DepthLabeler(depth_weights, self.device, self.dtype_name, batch_size, input_size=input_size)
             self.net = None

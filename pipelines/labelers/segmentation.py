@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipelines import render
-from pipelines.labelers import hf
-from pipelines.labelers.base import Labeler, to_tensor
+from uvd.pipelines import render
+from uvd.pipelines.labelers import hf
+from uvd.pipelines.labelers.base import Labeler, to_tensor
 
 SEGFORMER_TYPES = ("segformer", "dpt", "beit", "mobilevit", "mobilevitv2", "upernet")
 MASK2FORMER_TYPES = ("mask2former", "maskformer")
