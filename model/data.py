@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
+
 import torch
 
 from uvd.model.config import BOS_ID, EOS_ID, VOCAB_SIZE
+from uvd import storage as S
+from uvd.layout import MANIFEST
 from uvd.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -45,11 +47,14 @@ def discover_runs(roots: list[str | Path], include_incomplete: bool = True, fiel
     runs: list[Path] = []
     seen: set[str] = set()
     for root in roots:
-        root = Path(root)
+        root = S.as_path(root)  # a local folder or an object-store URI
         if not root.exists():
             raise ValueError(f"{field_name}: {root} does not exist")
         found = []
-        for dirpath, dirnames, _ in os.walk(root, followlinks=True):
+        if S.is_remote(root):
+            found = [run for run in S.walk_manifests(root, MANIFEST) if str(run) not in seen]
+            seen.update(str(run) for run in found)
+        for dirpath, dirnames, _ in ([] if S.is_remote(root) else os.walk(root, followlinks=True)):
             real = os.path.realpath(dirpath)
             if real in seen:  # a symlink loop, or a run reached twice
                 dirnames[:] = []
@@ -147,7 +152,7 @@ def text_tokenizers(runs: list[str | Path], include_incomplete: bool = True) -> 
         shards = sorted(read_manifest(run)["shards"])
         if not shards:
             continue
-        metas = pq.ParquetFile(run / shards[0]).read_row_group(0, columns=["meta"]).column("meta").to_pylist()
+        metas = S.parquet_file(run / shards[0]).read_row_group(0, columns=["meta"]).column("meta").to_pylist()
         for text in metas:
             info = json.loads(text).get("text_tokenizer") if text else None
             if info:
@@ -200,20 +205,20 @@ class RowGroupReader:
 
     def row_starts(self, path: Path) -> np.ndarray:
         if path not in self.starts:
-            meta = pq.ParquetFile(path).metadata
+            meta = S.parquet_file(path).metadata
             self.starts[path] = np.cumsum([0] + [meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
         return self.starts[path]
 
     def tasks(self, path: Path) -> list[str]:
         """The task column of a shard (small: dictionary-encoded strings)."""
-        return pq.read_table(path, columns=["task"]).column("task").to_pylist()
+        return S.read_table(path, columns=["task"]).column("task").to_pylist()
 
     def sentence(self, path: Path, row: int) -> np.ndarray:
         starts = self.row_starts(path)
         group = int(np.searchsorted(starts, row, side="right")) - 1
         key = (path, group)
         if key not in self.groups:
-            tokens = pq.ParquetFile(path).read_row_group(group, columns=["tokens"]).column("tokens").combine_chunks()
+            tokens = S.parquet_file(path).read_row_group(group, columns=["tokens"]).column("tokens").combine_chunks()
             self.groups[key] = (tokens.values.to_numpy(zero_copy_only=False), tokens.offsets.to_numpy())
             self.num_reads += 1
             while len(self.groups) > self.capacity:
@@ -514,7 +519,7 @@ def iter_rows(runs: list[str | Path], want: Callable[[str], bool] | None = None)
         for name, counts in sorted(manifest["shards"].items()):
             if want is not None and not any(want(t) for t in counts.get("by_task", {})):
                 continue
-            table = pq.read_table(run / name, columns=["source", "task", "tokens", "meta"])
+            table = S.read_table(run / name, columns=["source", "task", "tokens", "meta"])
             tokens = table.column("tokens").combine_chunks()
             flat, offsets = tokens.values.to_numpy(zero_copy_only=False), tokens.offsets.to_numpy()
             cols = table.select(["source", "task", "meta"]).to_pydict()
@@ -531,7 +536,7 @@ def iter_sentences(runs: list[str | Path], want: Callable[[str], bool] | None = 
         for name, counts in sorted(manifest["shards"].items()):
             if want is not None and not any(want(t) for t in counts.get("by_task", {})):
                 continue
-            table = pq.read_table(run / name, columns=["source", "task", "tokens"])
+            table = S.read_table(run / name, columns=["source", "task", "tokens"])
             tokens = table.column("tokens").combine_chunks()
             flat, offsets = tokens.values.to_numpy(zero_copy_only=False), tokens.offsets.to_numpy()
             for i, (source, task) in enumerate(zip(table.column("source").to_pylist(), table.column("task").to_pylist())):

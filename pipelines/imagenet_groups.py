@@ -17,7 +17,6 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from uvd import records as R
 from uvd.assemble import part_images, read_duplicates
@@ -27,6 +26,7 @@ from uvd.records import ImageRecord, Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.shards import table_bytes
 from uvd.source import IMAGE_SUFFIXES, Source, UnitImages, check_unique_names, resolve_inputs
+from uvd.storage import read_table
 
 
 
@@ -115,7 +115,7 @@ class ImagenetGroupsSource(Source):
         """Plan from per-unit kept counts (after dedup) and deal the sentences to the parts in
         contiguous runs; each part's writer materializes its own and its units' remainders."""
         units = [(u, p["index"], name) for p in parts for (u, _, _), name in zip(p["per_unit"], p["units"])]
-        losers = losers_per_unit(Path(run_dir))
+        losers = losers_per_unit(run_dir)
         kept = np.array([k - losers.get(u, 0) for p in parts for u, _, k in p["per_unit"]], np.int64)
         sentences, used = self.plan_groups(kept)
         deal = (np.arange(len(sentences)) * len(parts) // max(len(sentences), 1)).astype(np.int32)
@@ -131,14 +131,14 @@ class ImagenetGroupsSource(Source):
             "name": pa.array([name for _, _, name in units], pa.string()),
             "used": pa.array(used.tolist(), pa.int32()),
         })
-        plan_dir = Path(run_dir) / PLAN_DIR
+        plan_dir = run_dir / PLAN_DIR  # a local or object-store path (uvd.storage)
         atomic_write_bytes(plan_dir / "sentences.parquet", table_bytes(plan, row_group_size=4096))
         atomic_write_bytes(plan_dir / "units.parquet", table_bytes(unit_table))
 
     def materialize(self, part, images: list[UnitImages], run_dir: Path) -> Iterator[Sentence | Reject]:
-        run = Path(run_dir)
-        rows = pq.read_table(run / PLAN_DIR / "sentences.parquet", filters=[("part", "=", part.index)]).to_pylist()
-        table = pq.read_table(run / PLAN_DIR / "units.parquet").to_pydict()
+        run = run_dir
+        rows = read_table(run / PLAN_DIR / "sentences.parquet", filters=[("part", "=", part.index)]).to_pylist()
+        table = read_table(run / PLAN_DIR / "units.parquet").to_pydict()
         names = dict(zip(table["unit"], table["name"]))
         used = dict(zip(table["unit"], table["used"]))
         units_of: dict[int, list[int]] = {}

@@ -6,7 +6,9 @@
 Reads img2dataset's three output formats: `webdataset` (`NNNNN.tar` or `.tar.gz`),
 `parquet` (`NNNNN.parquet` with the image bytes in a column) and `files` (folders `NNNNN/`
 of KEY.jpg/.txt/.json); beside each shard, img2dataset's `NNNNN.parquet` gives each key's
-download `status`. Tars can be streamed (`pipe:CMD`, http(s) URLs). Keys follow webdataset's
+download `status`. Inputs may be local or in an object store (`s3://bucket/laion/`,
+`gs://.../{00000..00099}.tar`, `hf://datasets/...`, globs too; read through fsspec, streamed
+member by member). Tars can also be streamed from `pipe:CMD` and http(s) URLs. Keys follow webdataset's
 convention (the in-tar folder is part of the key). Every member and every status row becomes
 exactly one item: an image, or a reject.
 """
@@ -19,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import pyarrow.parquet as pq
-
 from uvd.pipelines.laion_shards import (  # noqa: F401  (UNSUPPORTED_MEMBER: a reason this source gives, via the readers)
     IMAGE_EXTENSIONS, STREAM_PREFIXES, TAR_SUFFIXES, UNSUPPORTED_MEMBER, Sample, ShardBroken, folder_samples,
     image_column, jsonable, parquet_samples, split_key, stream_name, tar_samples,
 )
 from uvd import records as R
+from uvd import storage as S
 from uvd.records import Item, Reject, Sentence
 from uvd.registry import register_source
 from uvd.source import Source, UnitImages, check_unique_names, limit_items, resolve_inputs
@@ -94,11 +95,12 @@ def shard_kind(path: Path) -> str | None:
 def _shards_in(folder: Path) -> list[Path]:
     """img2dataset shards in an output folder: tars, folders of files, parquet files with images.
     A parquet file named like a tar or folder shard is that shard's status table, not a shard."""
-    tars = [p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES)]
-    dirs = [p for p in folder.iterdir() if p.is_dir() and any(_is_image_file(f) for f in p.iterdir())]
+    entries = list(folder.iterdir())
+    tars = [p for p in entries if p.is_file() and p.name.lower().endswith(TAR_SUFFIXES)]
+    dirs = [p for p in entries if p.is_dir() and any(_is_image_file(f) for f in p.iterdir())]
     taken = {_stem(p) for p in tars + dirs}
-    parquets = [p for p in folder.glob("*.parquet") if _stem(p) not in taken and _holds_images(p)]
-    return sorted(tars + dirs + parquets)
+    parquets = [p for p in entries if p.name.endswith(".parquet") and _stem(p) not in taken and _holds_images(p)]
+    return sorted(tars + dirs + parquets, key=str)
 
 
 def _is_image_file(path: Path) -> bool:
@@ -117,7 +119,7 @@ def _stem(path: Path) -> str:
 def _holds_images(path: Path) -> bool:
     """A parquet file with an image column; an unreadable one is listed too (its unit is then unreadable)."""
     try:
-        return image_column(pq.read_schema(path)) is not None
+        return image_column(S.read_schema(path)) is not None
     except (OSError, ValueError):
         return True
 
@@ -136,8 +138,12 @@ class LaionSource(Source):
             if not stream_name(stream).lower().endswith(TAR_SUFFIXES):
                 raise ValueError(f"inputs: {stream!r}: only tar shards (.tar, .tar.gz, .tgz) can be streamed")
         shards: list[Path | str] = list(streams)
-        local = [p for p in patterns if not p.startswith(STREAM_PREFIXES)]
-        for path in resolve_inputs(local) if local else []:
+        local = [p for p in patterns if not p.startswith(STREAM_PREFIXES) and not S.is_uri(p)]
+        stored = [p for p in patterns if not p.startswith(STREAM_PREFIXES) and S.is_uri(p)]
+        for pattern in stored:  # object stores: listed through fsspec
+            if not S.expand(pattern):
+                raise ValueError(f"inputs: {pattern!r} matches nothing")
+        for path in [*(resolve_inputs(local) if local else []), *(p for pattern in stored for p in S.expand(pattern))]:
             if path.is_dir():
                 found = _shards_in(path)
                 if not found:
@@ -157,7 +163,7 @@ class LaionSource(Source):
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
         streamed = unit.startswith(STREAM_PREFIXES)
-        path = Path(stream_name(unit)) if streamed else Path(unit)
+        path = Path(stream_name(unit)) if streamed else S.as_path(unit)
         limit = self.recipe.limits.max_member_bytes
         kind = "tar" if streamed else shard_kind(path)
         status_path = path.parent / f"{_stem(path)}.parquet"
@@ -298,12 +304,12 @@ def parse_metadata(data: bytes) -> dict[str, Any]:
 def read_status_table(path: Path) -> dict[str, dict[str, Any]]:
     """img2dataset's per-shard parquet -> {key: row} (image columns left out). Without a `status`
     column every row counts as a success; without a `key` column the table cannot be joined."""
-    schema = pq.read_schema(path)
+    schema = S.read_schema(path)
     if "key" not in schema.names:
         raise ValueError("no `key` column to join on")
     image = image_column(schema)
     columns = [n for n in schema.names if n != image and n not in IMAGE_EXTENSIONS]
-    rows = pq.read_table(path, columns=columns).to_pylist()
+    rows = S.read_table(path, columns=columns).to_pylist()
     table: dict[str, dict[str, Any]] = {}
     for row in rows:
         key = row["key"]

@@ -1,5 +1,5 @@
-"""Reading img2dataset shards member by member: tar (local, .tar.gz, `pipe:`, http), folders
-of files, parquet with image bytes. Each yields `Sample`s in shard order, one per key, keeping
+"""Reading img2dataset shards member by member: tar (local or in an object store, .tar.gz,
+`pipe:`, http), folders of files, parquet with image bytes. Each yields `Sample`s in shard order, one per key, keeping
 every member's fate (links, oversize members, a shard cut short) for `pipelines/laion.py`.
 """
 from __future__ import annotations
@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow.parquet as pq
-
+from uvd import storage as S
 from uvd.records import TOO_LARGE, reason
 from uvd.source import IMAGE_SUFFIXES
 
@@ -116,9 +115,14 @@ def stream_name(unit: str) -> str:
 
 @contextmanager
 def open_shard(unit: str | Path):
-    """A binary stream of a shard: a local file, `pipe:CMD` (CMD's standard output, as webdataset's
-    gopen) or an http(s) URL. A command that exits non-zero after a full read is an OSError."""
-    if isinstance(unit, Path) or not unit.startswith(STREAM_PREFIXES):
+    """A binary stream of a shard: a local file, an object in a store (s3://, gs://, hf://: a path
+    of uvd.storage, streamed), `pipe:CMD` (CMD's standard output, as webdataset's gopen) or an
+    http(s) URL. A command that exits non-zero after a full read is an OSError."""
+    if not isinstance(unit, str):  # a local or object-store path
+        with unit.open("rb") as f:
+            yield f
+        return
+    if not unit.startswith(STREAM_PREFIXES):
         with open(unit, "rb") as f:
             yield f
         return
@@ -221,8 +225,9 @@ def _tar_end_problem(stream: _CountingReader, end: int) -> str | None:
 def folder_samples(folder: Path, max_member_bytes: int) -> Iterator[Sample]:
     """img2dataset's `files` format: KEY.jpg / KEY.txt / KEY.json in one folder (sorted by name)."""
     current: Sample | None = None
+    remote = S.is_remote(folder)
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
-        info = path.lstat()
+        info = path.stat() if remote else path.lstat()  # an object store has no links
         if stat.S_ISDIR(info.st_mode):
             continue
         key, ext = split_key(path.name)
@@ -257,7 +262,7 @@ def parquet_samples(path: Path, max_member_bytes: int, batch_rows: int = 64) -> 
     """img2dataset's `parquet` format: one row per sample, the image bytes in a column named by
     its extension (jpg, png, webp), the caption in `txt`, metadata in the other columns."""
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = S.parquet_file(path)
         image = image_column(parquet.schema_arrow)
         index = 0
         for batch in parquet.iter_batches(batch_size=batch_rows):

@@ -6,8 +6,9 @@ annotation type); so each image is tokenized once. `assemble_annotated` then bui
   - pairs: `pairs_per_sentence` (input, annotation) pairs of one type, {x1, y1, ... x8, y8},
     re-shuffled for each of `epochs` epochs;
   - multi-annotation tuples (`tuples: true`): m images from {x, a1 ... ak}, 2 <= m <= k+1 <= 16;
-and records every image that no sentence used as a reject. All of it unit by unit: an input
-and its annotations always lie in one unit, and pairs never cross units.
+and records every image that no sentence used as a reject. All of it unit by unit (an input and
+its annotations always lie in one unit); with `shuffle_units: W` the runner hands over windows of
+W consecutive units merged into one, so pairs are shuffled across W units.
 """
 from __future__ import annotations
 
@@ -43,6 +44,7 @@ UNPAIRED = R.reason("unpaired", "tokenized, but its partner was rejected (or it 
 class PairingOptions:
     pairs_per_sentence: int = 8  # (input, annotation) pairs per sentence: 8 -> 16 images
     epochs: int = 1  # passes over the pairs, each with a different random pairing (LVM used several)
+    shuffle_units: int = 1  # pairs are shuffled across windows of this many consecutive units (1: within a unit)
     tuples: bool = False  # also build multi-annotation tuples {x, a1 ... ak} per input image
     tuples_per_image: int = 1
     min_tuple_size: int = 2  # m is drawn uniformly from [min_tuple_size, k+1]
@@ -52,6 +54,8 @@ class PairingOptions:
             raise ValueError(f"{path}.pairs_per_sentence: must be in 1..8, got {self.pairs_per_sentence}")
         if self.epochs < 1:
             raise ValueError(f"{path}.epochs: must be >= 1, got {self.epochs}")
+        if self.shuffle_units < 1:
+            raise ValueError(f"{path}.shuffle_units: must be >= 1, got {self.shuffle_units}")
         if self.tuples_per_image < 1:
             raise ValueError(f"{path}.tuples_per_image: must be >= 1, got {self.tuples_per_image}")
         if not 2 <= self.min_tuple_size <= MAX_IMAGES:

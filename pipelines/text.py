@@ -37,6 +37,7 @@ class TextOptions:
     text_tokenizer_sha256: str = ""  # filled from the file when the recipe loads; set it to pin the file
     examples: int = 3  # k in-context examples before the query (the sentence holds k + 1)
     max_text_tokens: int = 64  # a longer text is cut to this many ids (the sentence meta counts cuts)
+    shuffle_units: int = 1  # examples are grouped across windows of this many consecutive units (1: within a unit)
 
     def validate(self, path: str) -> None:
         if not self.text_tokenizer:
@@ -45,6 +46,8 @@ class TextOptions:
             raise ValueError(f"{path}.examples: between 1 and 15 (sentences hold at most 16 images), got {self.examples}")
         if self.max_text_tokens < 1:
             raise ValueError(f"{path}.max_text_tokens: must be >= 1, got {self.max_text_tokens}")
+        if self.shuffle_units < 1:
+            raise ValueError(f"{path}.shuffle_units: must be >= 1, got {self.shuffle_units}")
 
 
 def check_text_tokenizer(options: TextOptions, path: str = "sentence") -> None:

@@ -160,3 +160,39 @@ def test_end_to_end_shards_and_rejects(name, runs, annotated):
     assert dict(Counter(r["reason"] for r in rejects)) == info["expected_rejects"]
     assert summary.rejected == sum(info["expected_rejects"].values())
     assert len({key for row in rows for key in row["images"]}) == info["images"]
+
+
+def test_pairs_shuffle_across_windows_of_units_the_same_for_any_part_size(ray_local, annotated, tmp_path):
+    """`sentence.shuffle_units: 3`: pairs are shuffled across windows of 3 consecutive units. A Ray run
+    cuts the same windows whatever the part size (a window's owner reads its neighbours' work files),
+    and they equal the plain in-memory assembly; every image is in one sentence or one reject, and
+    a reject names the unit its input came from."""
+    overrides = ("sentence.files_per_unit=3", "sentence.shuffle_units=3", "sentence.epochs=1")
+    plain, plain_rejects, items, _ = run_plain(recipe("derived_pairs", annotated, *overrides))
+    runs = {}
+    for upp in (1, 2, 4):
+        out = tmp_path / f"upp{upp}"
+        run_recipe(recipe("derived_pairs", annotated, *overrides, f"output.units_per_part={upp}"), out, progress=False)
+        rows = [row for shard in sorted(M.read_manifest(out)["shards"]) for row in pq.read_table(out / shard).to_pylist()]
+        runs[upp] = (sorted((r["id"], r["task"], tuple(r["images"]), tuple(r["tokens"])) for r in rows),
+                     sorted((r["key"], r["reason"], r["unit"]) for r in M.read_rejects(out).to_pylist()))
+    assert runs[1] == runs[2] == runs[4]
+    sentences, rejects = runs[1]
+    rows = [s.to_row("derived_pairs") for s in plain]
+    assert sorted((s[0], s[2]) for s in sentences) == sorted((r["id"], tuple(r["images"])) for r in rows)
+    assert sorted((k, r) for k, r, _ in rejects) == sorted((r.key, r.reason) for r in plain_rejects)
+    # windows, not units: a sentence mixes images of several units (3 files a unit, 8 pairs a sentence)
+    from uvd.registry import get_source
+
+    source = get_source("derived_pairs")(recipe("derived_pairs", annotated, *overrides))
+    units = source.list_units()
+    file_unit = {}
+    for unit in units:
+        for item in source.read_unit(unit):
+            file_unit[item.key.split("#")[0]] = unit
+    assert len(units) >= 6
+    assert all(len({file_unit[k.split("#")[0]] for k in s[2]}) >= 2 for s in sentences)
+    assert all(file_unit[k.split("#")[0]] == unit for k, _, unit in rejects if k.split("#")[0] in file_unit)
+    used = [k for s in sentences for k in s[2]]
+    assert len(used) == len(set(used)) and set(used).isdisjoint(k for k, _, _ in rejects)
+    assert len(set(used)) + len(rejects) == len({i.key for i in items})

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -113,6 +114,52 @@ def test_find_duplicates_matches_a_plain_loop_on_random_digests():
             first[digest] = f"{part}/{ordinal}"
     got = find_duplicates(table).to_pydict()
     assert list(zip(got["part"], got["ordinal"], got["winner"])) == expected
+
+
+def test_two_round_dedup_over_many_groups_and_ranges_matches_a_plain_loop(tmp_path):
+    """Gather tasks over groups of parts, then one decision task per bucket range (uvd/dedup.py),
+    with tiny task sizes so there are several of each: the losers equal a plain first-occurrence
+    loop over (part, ordinal), and every decision file holds only its own range."""
+    import pyarrow as pa
+
+    from uvd.dedup import bucket_ranges, dedup_task, find_duplicates, gather_task, part_groups
+    from uvd.shards import table_bytes
+
+    rng = np.random.default_rng(11)
+    pool = [rng.bytes(16) for _ in range(120)]
+    sizes = [0, 37, 5, 60, 0, 22, 41]  # parts with no kept image too
+    rows = []
+    for part, n in enumerate(sizes):
+        digests = [pool[int(rng.integers(len(pool)))] for _ in range(n)]
+        order = sorted(range(n), key=lambda j: (int.from_bytes(digests[j][:2], "big"), digests[j]))
+        table = pa.table({"bucket": pa.array([int.from_bytes(digests[j][:2], "big") for j in order], pa.int32()),
+                          "digest": pa.array([digests[j] for j in order], pa.binary(16)),
+                          "part": pa.array([part] * n, pa.int32()), "ordinal": pa.array([2 * j for j in order], pa.int32()),
+                          "unit": pa.array([part] * n, pa.int32()), "key": pa.array([f"{part}/{2 * j}" for j in order], pa.string())})
+        L.atomic_write_bytes(tmp_path / L.WORK_DIR / f"{L.part_name(part)}.digests.parquet", table_bytes(table))
+        rows += [(part, 2 * j, digests[j]) for j in range(n)]
+    groups, ranges = part_groups(sizes, rows_per_task=40), bucket_ranges(sum(sizes), rows_per_task=30)
+    assert len(groups) >= 3 and len(ranges) >= 5
+    assert [g for g in groups if g[0] < g[1]] == groups and groups[0][0] == 0 and groups[-1][1] == len(sizes)
+    for g, (first, end) in enumerate(groups):
+        gather_task(str(tmp_path), g, first, end, ranges)
+    found = []
+    for t, (lo, hi) in enumerate(ranges):
+        dedup_task(str(tmp_path), len(groups), t, lo, hi)
+        dups = pq.read_table(tmp_path / L.PLAN_DIR / f"dups-{t:05d}.parquet").to_pydict()
+        found += list(zip(dups["part"], dups["ordinal"], dups["winner"]))
+    first_of, expected = {}, []
+    for part, ordinal, digest in sorted(rows):
+        if digest in first_of:
+            expected.append((part, ordinal, first_of[digest]))
+        else:
+            first_of[digest] = f"{part}/{ordinal}"
+    assert len(expected) > 30
+    assert sorted(found) == expected
+    everything = pa.concat_tables([pq.read_table(tmp_path / L.WORK_DIR / f"{L.part_name(p)}.digests.parquet")
+                                   for p in range(len(sizes))])
+    one_round = find_duplicates(everything).to_pydict()  # all digests in one task: the same decisions
+    assert sorted(zip(one_round["part"], one_round["ordinal"], one_round["winner"])) == expected
 
 
 # ---------------------------------------------------------------- determinism

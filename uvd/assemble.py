@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from uvd import layout as L
+from uvd import storage as S
 from uvd.records import DUPLICATE, DUPLICATE_KEY, ImageRecord, Reject, Sentence
 from uvd.registry import plugin
 from uvd.shards import rejects_table, sentences_table, shard_kwargs, table_bytes
@@ -42,7 +42,7 @@ def read_duplicates(run: Path, part: int) -> dict[int, str]:
     """ordinal -> key of the first occurrence, for this part's items that dedup rejected."""
     out: dict[int, str] = {}
     for path in sorted((run / L.PLAN_DIR).glob("dups-*.parquet")):
-        table = pq.read_table(path, filters=[("part", "=", part)], columns=["ordinal", "winner"])
+        table = S.read_table(path, filters=[("part", "=", part)], columns=["ordinal", "winner"])
         out.update(zip(table.column("ordinal").to_pylist(), table.column("winner").to_pylist()))
     return out
 
@@ -137,18 +137,28 @@ def shard_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: str, tokenizer_id: str) -> dict[str, Any]:
-    """Ray task body: the part's shards, rejects and write record; -> the record."""
+def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: str, tokenizer_id: str,
+               num_units: int | None = None) -> dict[str, Any]:
+    """Ray task body: the part's shards, rejects and write record; -> the record. `num_units`: the
+    units the run's parts cover (needed when the source assembles windows of several units)."""
     start = time.time()
-    run = Path(run_dir)
+    run = S.as_path(run_dir)
     dups = read_duplicates(run, part.index) if recipe.filters.dedup else {}
     names = recipe.labelers.names()
     images, rejects, labels = read_part(run, part.index, part.units, part.first_unit, dups, names)
     num_labels = sum(len(u.images) for u in labels)
+    homes: dict[str, str] = {}
+    window = source.assembly_window if source.assembly == "unit" else 1
+    if window > 1:
+        units_per_part = recipe.output.units_per_part or source.units_per_part
+        images, labels, homes = window_units(run, recipe, part, images, labels, window, units_per_part,
+                                             num_units if num_units is not None else part.first_unit + len(part.units))
     writer = ShardWriter(run, recipe.source, part.index, recipe.output, tokenizer_id)
     for obj in _with_labels(source, recipe, run, part, images, labels, names):
         reject = obj if isinstance(obj, Reject) else writer.add(obj)
         if reject is not None:
+            if reject.key in homes:  # assembled in a window: the unit the input came from
+                reject.unit = homes[reject.key]
             rejects.append(reject)
     writer.flush()
     _remove_stale_shards(run, recipe.source, part.index, len(writer.shards))
@@ -171,6 +181,42 @@ def write_part(part: Any, source: Any, recipe: Any, run_dir: str, output_hash: s
               "seconds": time.time() - start}
     L.write_json(run / L.WRITES_DIR / f"{part.name}.json", record)
     return record
+
+
+def window_units(run: Path, recipe: Any, part: Any, images: list[UnitImages], labels: list[UnitImages], window: int,
+                 units_per_part: int, num_units: int) -> tuple[list[UnitImages], list[UnitImages], dict[str, str]]:
+    """The windows of `window` consecutive units (global unit indices [w*window, (w+1)*window)) that
+    start in this part, each merged into one UnitImages named by its first unit; the images of units
+    in other parts come from those parts' work files (their own rejects stay theirs to write).
+    -> (windows, their labeler renderings, key -> the unit each image came from). A part in which no
+    window starts assembles nothing: its units' sentences are its window owner's."""
+    first, end = part.first_unit, part.first_unit + len(part.units)
+    own = {first + j: pair for j, pair in enumerate(zip(images, labels))}
+    others: dict[int, dict[int, tuple[UnitImages, UnitImages]]] = {}
+    names = recipe.labelers.names()
+
+    def unit(u: int) -> tuple[UnitImages, UnitImages]:
+        if u in own:
+            return own[u]
+        q = u // units_per_part
+        if q not in others:
+            record = L.read_json(run / L.PARTS_DIR / f"{L.part_name(q)}.json", "a part record")
+            if record is None:
+                raise L.CorruptRunError(run / L.PARTS_DIR / f"{L.part_name(q)}.json", "a part record is missing")
+            dups = read_duplicates(run, q) if recipe.filters.dedup else {}
+            its_images, _, its_labels = read_part(run, q, record["units"], record["first_unit"], dups, names)
+            others[q] = {record["first_unit"] + j: pair for j, pair in enumerate(zip(its_images, its_labels))}
+        return others[q][u]
+
+    windows, window_labels, homes = [], [], {}
+    for w_start in range(-(-first // window) * window, end, window):
+        members = [unit(u) for u in range(w_start, min(w_start + window, num_units))]
+        for unit_images, unit_labels in members:
+            homes.update((im.key, unit_images.unit) for im in unit_images.images + unit_labels.images)
+        name = members[0][0].unit
+        windows.append(UnitImages(name, [im for m, _ in members for im in m.images]))
+        window_labels.append(UnitImages(name, [im for _, lab in members for im in lab.images]))
+    return windows, window_labels, homes
 
 
 def _items_read(run: Path, part: int) -> int:
@@ -228,15 +274,31 @@ def _sentences(source: Any, recipe: Any, run: Path, part: Any, images: list[Unit
     if source.assembly == "global":
         yield from source.materialize(part, images, run)
     else:
-        yield from assemble_units(source, images)
+        yield from _assemble_each(source, images)  # units, or windows write_part already merged
 
 
 def assemble_units(source: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:
-    """Sentences of tokenized images, as a run makes them: each unit on its own with its own RNG
-    (unit-local sources), or all units at once in memory (global sources; a run plans instead)."""
+    """Sentences of tokenized images, as a run makes them, from all units in memory (the units of a
+    whole run, in order): each unit on its own with its own RNG (unit-local sources), windows of
+    `source.assembly_window` consecutive units merged (rejects keep their own unit), or all units at
+    once (global sources; a run plans instead)."""
     if source.assembly == "global":
         yield from source.assemble(images)
         return
+    window = source.assembly_window
+    if window == 1:
+        yield from _assemble_each(source, images)
+        return
+    homes = {im.key: u.unit for u in images for im in u.images}
+    merged = [UnitImages(images[i].unit, [im for u in images[i: i + window] for im in u.images])
+              for i in range(0, len(images), window)]
+    for obj in _assemble_each(source, merged):
+        if isinstance(obj, Reject) and obj.key in homes:
+            obj.unit = homes[obj.key]
+        yield obj
+
+
+def _assemble_each(source: Any, images: list[UnitImages]) -> Iterator[Sentence | Reject]:
     for unit_images in images:
         source.rng = unit_rng(source.recipe.seed, unit_images.unit)
         yield from source.assemble([unit_images])

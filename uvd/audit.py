@@ -19,10 +19,10 @@ from typing import Any, Iterable
 
 import numpy as np
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from uvd import layout as L
 from uvd import manifest as M
+from uvd import storage as S
 from uvd.config import read_yaml
 from uvd.records import reason_meaning
 
@@ -112,10 +112,10 @@ class AuditPartial:
 def shard_partial(path: str, run: str = "", num_samples: int = 2, batch_rows: int = 1024) -> AuditPartial:
     """Count one shard, `batch_rows` rows at a time (memory bounded by one batch)."""
     partial = AuditPartial(num_samples=num_samples, shards=1)
-    shard = Path(path).name
+    shard = S.as_path(path).name
     row_index = 0
     columns = ["id", "source", "task", "num_images", "tokens", "images", "meta"]
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=columns):
+    for batch in S.parquet_file(S.as_path(path)).iter_batches(batch_size=batch_rows, columns=columns):
         tokens = batch.column("tokens")
         flat = pc.list_flatten(tokens).to_numpy(zero_copy_only=False).astype(np.int64)
         offsets = tokens.offsets.to_numpy()
@@ -160,7 +160,7 @@ def rejects_partial(path: str, source: str) -> AuditPartial:
     """Count one run's rejects file: reasons, and the first few example inputs per reason."""
     partial = AuditPartial(shards=0)
     stats = partial.source(source)
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096, columns=["unit", "key", "reason", "detail"]):
+    for batch in S.parquet_file(S.as_path(path)).iter_batches(batch_size=4096, columns=["unit", "key", "reason", "detail"]):
         cols = batch.to_pydict()
         for unit, key, reason, detail in zip(cols["unit"], cols["key"], cols["reason"], cols["detail"]):
             stats.rejected[reason] += 1
@@ -176,7 +176,7 @@ def rejects_partial(path: str, source: str) -> AuditPartial:
 def collect(root: str | Path, num_samples: int = 2, use_ray: bool | None = None, address: str | None = None,
             include_incomplete: bool = False) -> tuple[AuditPartial, list[dict]]:
     """-> (merged counters of every listed shard and rejects file under `root`, run descriptions)."""
-    root = Path(root)
+    root = S.as_path(root)  # a local folder or an object-store URI
     runs = M.find_runs(root)
     if not runs:
         raise ValueError(f"{root}: no UVD run here (no {M.MANIFEST} at or below it)")
@@ -184,7 +184,7 @@ def collect(root: str | Path, num_samples: int = 2, use_ray: bool | None = None,
     run_info = []
     for run in runs:
         manifest = M.read_manifest(run)
-        rel = str(run.relative_to(root)) if run != root else "."
+        rel = S.relative(run, root)
         if manifest["status"] != "complete" and not include_incomplete:
             log.warning("audit: skipping %s: its status is %s (pass --include-incomplete to count its finished parts)",
                         run, manifest["status"])

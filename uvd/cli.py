@@ -177,6 +177,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from uvd.recipe import load_recipe
     from uvd.runner import run_recipe
     from uvd.stats import compute_stats, format_stats
+    from uvd.storage import as_path, is_remote
 
     overrides = list(args.overrides)
     if args.limit is not None:
@@ -186,8 +187,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         from uvd.runtime import check_dashboard
 
         check_dashboard()  # before --out is made
-    out = Path(args.out or f"out/{recipe.source}")
-    new_folders = [p for p in (out, *out.parents) if not p.exists()]  # what this run will create, deepest first
+    out = as_path(args.out or f"out/{recipe.source}")  # a local folder or an object-store URI (s3://, gs://, hf://)
+    # what this run will create, deepest first (an object store has no empty folders to leave behind)
+    new_folders = [] if is_remote(out) else [p for p in (out, *out.parents) if not p.exists()]
     try:
         summary = run_recipe(recipe, out, address=args.address, overwrite=args.overwrite, progress=not args.quiet,
                              verify=args.verify, dashboard=args.dashboard)

@@ -9,6 +9,8 @@ user's files safe.
     RUN/labels/<source>-<part>.parquet      raw labeler outputs (only with `labelers.save: true`)
     RUN/_uvd/                           bookkeeping: lock, per-part records, token work files
 
+RUN is a local folder or an object-store URI (s3://, gs://, hf://; uvd/storage.py): the same
+names, the same commit protocol (each file placed whole, each part's record written last).
 Every name read back from disk is checked against these patterns and must stay inside the run
 folder, so a tampered manifest can never make UVD touch a file it did not write.
 """
@@ -21,9 +23,10 @@ import os
 import re
 import socket
 import time
-import uuid
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from uvd import storage as S
 
 MANIFEST = "_manifest.json"
 RECIPE_FILE = "_recipe.yaml"
@@ -68,22 +71,17 @@ def checked_name(run_dir: Path, name: str, kind: str) -> Path:
     name UVD writes (`..`, absolute paths, other folders), so it can never leave the run folder."""
     pattern = _SHARD_NAME if kind == "shard" else _REJECTS_NAME
     if not isinstance(name, str) or not pattern.fullmatch(name) or PurePosixPath(name).is_absolute():
-        raise ValueError(f"{Path(run_dir) / MANIFEST}: {name!r} is not a {kind} name UVD writes; refusing to use it")
-    return Path(run_dir) / name
+        raise ValueError(f"{S.as_path(run_dir) / MANIFEST}: {name!r} is not a {kind} name UVD writes; refusing to use it")
+    return S.as_path(run_dir) / name
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write under a temporary name in the same folder, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    """Never half a file: locally written under a temporary name in the same folder, then renamed;
+    on an object store one PUT of the whole object (uvd/storage.py)."""
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        S.put_bytes(path, data)
     except OSError as err:
         raise disk_error(err, path) from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:
@@ -157,26 +155,25 @@ def check_out_dir(run_dir: Path) -> None:
 def clear_run(run_dir: Path) -> int:
     """Delete what UVD wrote in `run_dir` (for --overwrite), and nothing else: only names that
     match UVD's own patterns, only inside the folder. -> files deleted."""
-    import shutil
-
     check_out_dir(run_dir)  # a folder with foreign files is never cleared
+    remote = S.is_remote(run_dir)
     count = 0
     for sub, pattern in _PATTERNS.items():
         folder = run_dir / sub
-        if folder.is_dir() and not folder.is_symlink():
+        if folder.is_dir() and (remote or not folder.is_symlink()):
             for path in folder.iterdir():
                 if (pattern.fullmatch(f"{sub}/{path.name}") or path.name.endswith(".tmp")) and path.is_file():
                     path.unlink()
                     count += 1
-            if not any(folder.iterdir()):
+            if not remote and not any(folder.iterdir()):  # an object store has no empty folders
                 folder.rmdir()
     meta = run_dir / META_DIR
-    if meta.is_dir() and not meta.is_symlink():
+    if meta.is_dir() and (remote or not meta.is_symlink()):
         count += sum(1 for p in meta.rglob("*") if p.is_file())
-        shutil.rmtree(meta)
+        S.remove_tree(meta)
     for name in (MANIFEST, RECIPE_FILE, CARD_FILE):
         path = run_dir / name
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and (remote or not path.is_symlink()):
             path.unlink()
             count += 1
     for tmp in run_dir.glob(".*.tmp"):
@@ -194,8 +191,12 @@ class RunLock:
     def __init__(self, run_dir: Path):
         self.path = run_dir / LOCK_FILE
         self.fd: int | None = None
+        self.remote = S.ObjectLock(self.path, str(run_dir)) if S.is_remote(run_dir) else None
 
     def __enter__(self) -> "RunLock":
+        if self.remote is not None:  # an object store: a conditional PUT with a heartbeat
+            self.remote.__enter__()
+            return self
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -211,6 +212,8 @@ class RunLock:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.remote is not None:
+            self.remote.__exit__(*exc)
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)

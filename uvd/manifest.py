@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from uvd import storage as S
 from uvd.layout import MANIFEST, RECIPE_FILE, CorruptRunError, checked_name, read_json, write_json
 
 REQUIRED = ("schema_version", "source", "recipe_hash", "status", "shards")
@@ -21,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def read_manifest(run_dir: Path) -> dict[str, Any] | None:
     """The run's manifest, or None when there is none; a damaged one names the file and the fix."""
-    path = Path(run_dir) / MANIFEST
+    path = S.as_path(run_dir) / MANIFEST
     manifest = read_json(path, "the run manifest")
     if manifest is None:
         return None
@@ -33,24 +34,13 @@ def read_manifest(run_dir: Path) -> dict[str, Any] | None:
 
 def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    write_json(Path(run_dir) / MANIFEST, manifest)
+    write_json(S.as_path(run_dir) / MANIFEST, manifest)
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Run folders at or below `root` (folders holding a manifest), sorted; symlinked run
-    folders are followed."""
-    import os
-
-    root = Path(root)
-    if (root / MANIFEST).is_file():
-        return [root]
-    found = []
-    for folder, dirs, files in os.walk(root, followlinks=True):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(("_", ".")))
-        if MANIFEST in files:
-            found.append(Path(folder))
-            dirs[:] = []  # a run's own folders hold no runs
-    return sorted(found)
+    """Run folders at or below `root` (folders holding a manifest; local, or an object-store URI),
+    sorted; symlinked run folders are followed."""
+    return S.walk_manifests(S.as_path(root), MANIFEST)
 
 
 def shard_paths(run_dir: Path, manifest: dict[str, Any]) -> list[tuple[Path, dict[str, Any]]]:
@@ -72,21 +62,20 @@ def recipe_tokenizer_section(run_dir: Path) -> dict[str, Any]:
     """The `tokenizer:` section of a run's resolved recipe ({} when there is none)."""
     import yaml
 
-    path = Path(run_dir) / RECIPE_FILE
+    path = S.as_path(run_dir) / RECIPE_FILE
     return (yaml.safe_load(path.read_text()) or {}).get("tokenizer", {}) if path.is_file() else {}
 
 
 def read_rejects(run_dir: Path, columns: list[str] | None = None):
     """Every rejected input of a run, as one Arrow table (the rejects files its manifest lists)."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from uvd.shards import REJECT_SCHEMA
 
     manifest = read_manifest(run_dir)
     if manifest is None:
         raise ValueError(f"{run_dir}: no UVD run here (no {MANIFEST})")
-    tables = [pq.read_table(p, columns=columns) for p in reject_paths(Path(run_dir), manifest)]
+    tables = [S.read_table(p, columns=columns) for p in reject_paths(S.as_path(run_dir), manifest)]
     if not tables:
         return REJECT_SCHEMA.empty_table() if columns is None else REJECT_SCHEMA.empty_table().select(columns)
     return pa.concat_tables(tables)
@@ -101,7 +90,7 @@ def run_index(run_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, dict],
 
     shards: dict[str, dict] = {}
     rejects: dict[str, Any] = {"files": [], "count": 0, "by_reason": {}}
-    for path in sorted((Path(run_dir) / WRITES_DIR).glob("*.json")):
+    for path in sorted((S.as_path(run_dir) / WRITES_DIR).glob("*.json")):
         record = read_json(path, "a write record")
         shards.update(record["shards"])
         rejects["files"].append(record["rejects"]["file"])

@@ -20,7 +20,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from typing import Any, Callable, Iterable
 
 from uvd import layout as L
 from uvd import manifest as M
+from uvd import storage as S
 from uvd.assemble import write_part, write_valid
 from uvd.recipe import Recipe
 from uvd.registry import get_source, get_tokenizer_stage, plugin
@@ -82,7 +82,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, 
     """Run `recipe` into `out_dir`, resuming whatever an earlier run of it finished. `dashboard`
     starts the Ray dashboard with an embedded Ray."""
     start = time.time()
-    out = Path(out_dir)
+    out = S.as_path(out_dir)  # a local folder or an object-store URI
     # Validate everything first; delete (for --overwrite) last.
     L.check_out_dir(out)
     if not overwrite:
@@ -97,7 +97,8 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, address: str | None = None, 
                          f"(looked for {source.looks_for()})")
     tokenizer = get_tokenizer_stage().describe(**_tokenizer_kwargs(recipe))
     labelers = describe_labelers(recipe, source)
-    out.mkdir(parents=True, exist_ok=True)
+    if not S.is_remote(out):
+        out.mkdir(parents=True, exist_ok=True)
     with L.RunLock(out):
         if overwrite:
             removed = L.clear_run(out)
@@ -152,7 +153,7 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         manifest["labelers"] = labelers
     manifest.pop("failure", None)
     M.write_manifest(out, manifest)
-    (out / L.RECIPE_FILE).write_text(recipe.to_yaml())
+    L.atomic_write_bytes(out / L.RECIPE_FILE, recipe.to_yaml().encode())
 
     with ray_session(address, dashboard=dashboard):
         import ray
@@ -164,7 +165,9 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         written = {p.index: write_valid(out, p.index, output_hash)[0] for p in parts}
         global_assembly = source.assembly == "global"
         dedup_ready = not recipe.filters.dedup or _dedup_valid(out, output_hash, len(parts))
-        need_work = [p for p in parts if not written[p.index] or not dedup_ready or
+        inputs_of = _window_parts(parts, written, source.assembly_window if not global_assembly else 1,
+                                  recipe.output.units_per_part or source.units_per_part)
+        need_work = [p for p in parts if p.index in inputs_of or not dedup_ready or
                      (global_assembly and not all(written.values()))]
         todo = [p for p in need_work if not work_valid(out, p.index, _part_hash(work_hash, p))]
         if todo:
@@ -179,12 +182,29 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         to_write = [p for p in parts if not written[p.index]]
         remote_write = ray.remote(num_cpus=1, max_retries=3)(write_part)
 
+        num_units = parts[-1].first_unit + len(parts[-1].units)
+
         def submit_write(p: Part):
-            return remote_write.remote(p, source_ref, recipe, str(out), output_hash, tokenizer["id"])
+            return remote_write.remote(p, source_ref, recipe, str(out), output_hash, tokenizer["id"], num_units)
 
         summary.parts_written = len(to_write)
         _run_tasks(f"{recipe.source}: write", to_write, submit_write, lambda p, rec: None, progress)
     return _compact(recipe, out, parts, manifest, output_hash, summary, start)
+
+
+def _window_parts(parts: list[Part], written: dict[int, bool], window: int, units_per_part: int) -> set[int]:
+    """Parts whose work files the unwritten parts need: themselves and, when the source assembles
+    windows of several units, every part holding a unit of a window they own (one starting in them)."""
+    needed = {p.index for p in parts if not written[p.index]}
+    if window <= 1:
+        return needed
+    num_units = parts[-1].first_unit + len(parts[-1].units)
+    for p in parts:
+        if not written[p.index]:
+            end = p.first_unit + len(p.units)
+            for w_start in range(-(-p.first_unit // window) * window, end, window):
+                needed.update(u // units_per_part for u in range(w_start, min(w_start + window, num_units)))
+    return needed
 
 
 def _part_hash(work_hash: str, part: Part) -> str:
@@ -449,19 +469,28 @@ def _plan_valid(out: Path, output_hash: str) -> bool:
 def _dedup(out: Path, parts: list[Part], output_hash: str) -> None:
     import ray
 
-    from uvd.dedup import bucket_ranges, dedup_task
+    from uvd.dedup import bucket_ranges, dedup_task, gather_task, part_groups
 
-    for old in (out / L.PLAN_DIR).glob("dups-*.parquet"):
-        old.unlink()
-    kept = sum(u[2] for rec in _part_records(out, parts) for u in rec["per_unit"])
+    for pattern in ("gather-*.parquet", "dups-*.parquet"):
+        for old in (out / L.PLAN_DIR).glob(pattern):
+            old.unlink()
+    kept_per_part = [sum(u[2] for u in rec["per_unit"]) for rec in _part_records(out, parts)]
+    kept = sum(kept_per_part)
     ranges = bucket_ranges(kept)
+    groups = part_groups(kept_per_part)
+    gather = ray.remote(num_cpus=1, max_retries=3)(gather_task)
+    _run_tasks("dedup: gather", list(enumerate(groups)), lambda t: gather.remote(str(out), t[0], *t[1], ranges),
+               lambda _, __: None, progress=False)
     task = ray.remote(num_cpus=1, max_retries=3)(dedup_task)
     found = {"dups": 0}
-    _run_tasks("dedup", list(enumerate(ranges)), lambda t: task.remote(str(out), len(parts), t[0], *t[1]),
+    _run_tasks("dedup", list(enumerate(ranges)), lambda t: task.remote(str(out), len(groups), t[0], *t[1]),
                lambda _, n: found.__setitem__("dups", found["dups"] + n), progress=False)
-    L.write_json(out / L.PLAN_DIR / "dedup.json", {"output_hash": output_hash, "parts": len(parts),
+    L.write_json(out / L.PLAN_DIR / "dedup.json", {"output_hash": output_hash, "parts": len(parts), "groups": len(groups),
                                                    "tasks": len(ranges), "duplicates": found["dups"]})
-    log.info("dedup: %d exact duplicates among %d images (%d task(s))", found["dups"], kept, len(ranges))
+    for path in (out / L.PLAN_DIR).glob("gather-*.parquet"):  # as large as the digests; the decisions are written
+        path.unlink()
+    log.info("dedup: %d exact duplicates among %d images (%d gather + %d bucket task(s))", found["dups"], kept,
+             len(groups), len(ranges))
 
 
 def _part_records(out: Path, parts: list[Part]) -> Iterable[dict]:
@@ -482,7 +511,7 @@ def _plan_remote():
     import ray
 
     def plan(source: Source, run_dir: str, parts: list[dict]) -> None:
-        source.plan(Path(run_dir), parts)
+        source.plan(S.as_path(run_dir), parts)
 
     return ray.remote(num_cpus=1, max_retries=3)(plan)
 
@@ -534,7 +563,7 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
     M.write_manifest(out, manifest)
     write_card(out, recipe, manifest)
     if not recipe.output.keep_work:
-        shutil.rmtree(out / L.WORK_DIR, ignore_errors=True)
+        S.remove_tree(out / L.WORK_DIR)
     return _finish_summary(summary, manifest, start)
 
 

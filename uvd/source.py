@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator, Literal
 
 from uvd.records import EMPTY_FILE, FILE_CLASH, TOO_LARGE, ImageRecord, Item, Reject, Sentence
+from uvd.storage import is_uri
 
 if TYPE_CHECKING:
     from uvd.recipe import Recipe
@@ -67,6 +68,13 @@ class Source:
     def looks_for(self) -> str:
         return f"{self.input_hint} under {', '.join(self.recipe.inputs)}"
 
+    @property
+    def assembly_window(self) -> int:
+        """Consecutive units assembled together (unit-local sources): `sentence.shuffle_units` where
+        the source has it, so pairs and groups are shuffled across that many units (windows are cut
+        from the unit list, never from parts or nodes); 1: each unit on its own."""
+        return max(1, int(getattr(self.options, "shuffle_units", 1) or 1))
+
     # Sources with assembly = "global" implement these two instead of `assemble`.
     def plan(self, run_dir: Path, parts: list[dict]) -> None:
         """From each part's units and their kept image counts, write the plan (under _uvd/plan/)."""
@@ -81,6 +89,9 @@ def resolve_inputs(inputs: list[str], field: str = "inputs") -> list[Path]:
     """Expand paths and globs; a pattern or path that matches nothing is the user's mistake."""
     paths: list[Path] = []
     for pattern in inputs:
+        if is_uri(pattern):
+            raise ValueError(f"{field}: {pattern!r}: this source reads local files only (object-store inputs are read "
+                             "by laion and incontext_caption); copy the inputs to a local or mounted folder")
         expanded = str(Path(pattern).expanduser())
         matches = sorted(glob.glob(expanded)) if glob.has_magic(expanded) else [expanded]
         matches = [m for m in matches if Path(m).exists()]

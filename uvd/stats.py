@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from uvd import layout as L
+from uvd import storage as S
 from uvd import manifest as M
 
 
@@ -26,7 +27,7 @@ def compute_stats(root: str | Path, codebook: bool = False, verify: bool = False
     columns; with `codebook`, also `by_source[NAME]["codebook"]` and a `codebook` total (uvd.audit's
     codebook_stats of the visual ids), which reads every token; with `verify`, every listed shard's
     size and checksum are checked (`damaged` lists the ones that fail)."""
-    root = Path(root)
+    root = S.as_path(root)  # a local folder or an object-store URI
     runs = M.find_runs(root)
     if not runs:
         raise ValueError(f"{root}: no UVD run here (no {M.MANIFEST} at or below it)")
@@ -40,7 +41,7 @@ def compute_stats(root: str | Path, codebook: bool = False, verify: bool = False
         shards, rejects = M.run_index(run, manifest)
         run_info.append(
             {
-                "path": str(run.relative_to(root)) if run != root else ".",
+                "path": S.relative(run, root),
                 "source": manifest["source"],
                 "status": manifest["status"],
                 "shards": len(shards),

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from uvd import layout as L
+from uvd import storage as S
 from uvd.images import ImageRejected, decode_file, resize_array
 from uvd.records import UNREADABLE, Item
 from uvd.shards import WORK_SCHEMA, table_bytes, uint16_lists
@@ -101,7 +101,7 @@ def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash:
     import ray
 
     start = time.time()
-    run = Path(run_dir)
+    run = S.as_path(run_dir)
     cols: dict[str, list] = {name: [] for name in WORK_SCHEMA.names}
     record = PartRecord(part.index)
     batch_rows: list[int] = []
@@ -320,7 +320,7 @@ def write_work(run: Path, part: Part, cols: dict[str, list], label_rows: set[int
 def read_work(run: Path, part: int) -> pa.Table:
     path = run / L.WORK_DIR / f"{L.part_name(part)}.parquet"
     try:
-        return pq.read_table(path)
+        return S.read_table(path)
     except (OSError, pa.ArrowInvalid) as err:
         raise L.CorruptRunError(path, f"a work file is missing or damaged ({err})") from None
 
