@@ -19,7 +19,7 @@ from uvd.pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason th
 )
 from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence  # noqa: F401  (INCOMPLETE_WINDOW: given via assemble_windows)
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, assemble_windows, file_size_reject, find_input_files
+from uvd.source import Source, UnitImages, assemble_windows, find_input_files, input_file_unit
 
 
 @dataclass
@@ -107,9 +107,7 @@ class ObjaverseSource(Source):
         return multiview_cameras(name, self.recipe.seed, tuple(o.radius), tuple(o.elevation))
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        path = Path(unit)
-        name = self._meshes().get(path, path.name)
-        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        path, name, refused = input_file_unit(unit, self._meshes(), self.recipe.limits.max_file_bytes)
         if refused:
             yield refused
             return

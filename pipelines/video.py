@@ -20,7 +20,7 @@ import numpy as np
 
 from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence, reason  # noqa: F401  (INCOMPLETE_WINDOW: given via assemble_windows)
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, assemble_windows, file_size_reject, find_input_files, limit_items
+from uvd.source import Source, UnitImages, assemble_windows, find_input_files, input_file_unit, limit_items
 
 log = logging.getLogger(__name__)
 
@@ -186,9 +186,7 @@ class VideoSource(Source):
         return limit_items(self._read(unit), max_items)
 
     def _read(self, unit: str) -> Iterator[Item]:
-        path = Path(unit)
-        name = self._videos().get(path, path.name)
-        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        _, name, refused = input_file_unit(unit, self._videos(), self.recipe.limits.max_file_bytes)
         if refused:
             yield refused
             return

@@ -11,9 +11,11 @@ import pytest
 
 from conftest import TEST_OVERRIDES
 from uvd.recipe import load_recipe
-from uvd.records import FILE_CLASH, INCOMPLETE_WINDOW, ImageRecord, Item, Reject, Sentence
+from uvd.records import EMPTY_FILE, FILE_CLASH, INCOMPLETE_WINDOW, TOO_LARGE, ImageRecord, Item, Reject, Sentence
 from uvd.registry import get_source
-from uvd.source import IMAGE_SUFFIXES, UnitImages, assemble_windows, clash_rejects, files_by_stem, limit_items
+from uvd.source import (
+    IMAGE_SUFFIXES, UnitImages, assemble_windows, clash_rejects, files_by_stem, input_file_unit, limit_items,
+)
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -156,3 +158,17 @@ def test_assemble_windows_keeps_complete_windows_and_rejects_what_none_used():
     assert out[2:] == [Reject("f", INCOMPLETE_WINDOW, "lost a neighbour", "clip.mp4"),
                        Reject("e", INCOMPLETE_WINDOW, "lost a neighbour", "clip.mp4")]
     assert list(assemble_windows(UnitImages("empty", []), windows, make_sentence, "-")) == []
+
+
+def test_input_file_unit_names_the_file_and_refuses_empty_or_large_ones(tmp_path):
+    (tmp_path / "sub").mkdir()
+    ok, empty, large = tmp_path / "sub" / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
+    ok.write_bytes(b"x" * 10)
+    empty.write_bytes(b"")
+    large.write_bytes(b"x" * 11)
+    names = {ok: "sub/a.mp4", empty: "b.mp4"}  # find_input_files' mapping (c: a unit it does not name)
+    assert input_file_unit(str(ok), names, 10) == (ok, "sub/a.mp4", None)
+    path, name, refused = input_file_unit(str(empty), names, 10)
+    assert (path, name, refused.key, refused.reject) == (empty, "b.mp4", "b.mp4", EMPTY_FILE)
+    path, name, refused = input_file_unit(str(large), names, 10)
+    assert (name, refused.key, refused.reject) == ("c.mp4", "c.mp4", TOO_LARGE) and "11 bytes" in refused.detail

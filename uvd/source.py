@@ -162,6 +162,14 @@ def limit_items(items: Iterable[Item], max_items: int | None) -> Iterator[Item]:
             close()
 
 
+def input_file_unit(unit: str, names: dict[Path, str], max_file_bytes: int) -> tuple[Path, str, Item | None]:
+    """A unit that is one input file (video, mesh), `names` being `find_input_files`' mapping ->
+    (its path, the name its keys start with, its `file_size_reject` or None)."""
+    path = Path(unit)
+    name = names.get(path, path.name)
+    return path, name, file_size_reject(path, name, max_file_bytes)
+
+
 W = TypeVar("W")
 
 
