@@ -16,7 +16,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -278,6 +278,39 @@ def split_units(inputs: list[str], prefix: str, images_per_unit: int) -> list[st
             units += [f"{root / split}#{s}" for s in range(0, max(count, 1), images_per_unit)]
     check_unique_names(units, "splits")
     return units
+
+
+def split_unit_items(unit: str, images_per_unit: int, prefix: str, load: Callable[[str, int], Any],
+                     image_items: Callable[[Path, str, dict, Any], Iterable[Item]], listed_in: str) -> Iterator[Item]:
+    """The items of one `<root>/<split>#<start>` unit (`split_units`) of a source reading one
+    COCO-format file per split, `annotations/<prefix>_<split>.json` (the in-context sources).
+    `load(path, mtime_ns)` gives the parsed file: an object with `by_name` (file name -> image
+    entry) and `orphans` ((annotation id, image id) of annotations whose image is not listed).
+    Each of the unit's image files, in name order, is `image_items(folder, key, entry, parsed)`'s,
+    or a `missing_annotation` reject when the file does not list it ("not listed in the
+    `listed_in`"); a file that cannot be read is one `bad_json` reject. What concerns the whole
+    split (listed images not on disk, orphan annotations: `missing_image`) the first unit rejects."""
+    folder, start = _parse_unit(unit)
+    path = folder.parent / "annotations" / f"{prefix}_{folder.name}.json"
+    try:
+        parsed = load(str(path), path.stat().st_mtime_ns)
+    except (OSError, ValueError) as err:
+        if start == 0:
+            yield P.reject_item(f"annotations/{path.name}", P.BAD_JSON, str(err))
+        return
+    on_disk = _image_files(folder)
+    for name in on_disk[start : start + images_per_unit]:
+        key = f"{folder.name}/{name}"
+        entry = parsed.by_name.get(name)
+        if entry is None:
+            yield P.reject_item(key, P.MISSING_ANNOTATION, f"not listed in the {listed_in}")
+        else:
+            yield from image_items(folder, key, entry, parsed)
+    if start == 0:
+        for name in sorted(set(parsed.by_name) - set(on_disk)):
+            yield P.reject_item(f"{folder.name}/{name}", P.MISSING_IMAGE, f"listed, but {folder / name} does not exist")
+        for ann_id, image_id in parsed.orphans:
+            yield P.reject_item(f"annotations/{path.name}#{ann_id}", P.MISSING_IMAGE, f"image_id {image_id!r} is not in the file")
 
 
 @functools.lru_cache(maxsize=2)

@@ -23,7 +23,7 @@ from typing import Iterable, Iterator
 
 from uvd.pipelines import pairing as P
 from uvd.pipelines import text as T
-from uvd.pipelines.coco import _image_files, _parse_unit, split_units
+from uvd.pipelines.coco import split_unit_items, split_units
 from uvd.pipelines.laion import LaionOptions, LaionSource
 from uvd import records as R
 from uvd.records import Item, Reject, Sentence
@@ -68,31 +68,16 @@ class IncontextCaptionSource(LaionSource):
         if self.options.captions_from == "laion":
             yield from super().read_unit(unit, max_items)
             return
-        yield from limit_items(self._coco_items(*_parse_unit(unit)), max_items)
+        items = split_unit_items(unit, self.options.images_per_unit, "captions", _load_captions,
+                                 self._captioned_item, "captions file")
+        yield from limit_items(items, max_items)
 
-    def _coco_items(self, folder: Path, start: int) -> Iterator[Item]:
-        path = folder.parent / "annotations" / f"captions_{folder.name}.json"
-        try:
-            by_name, captions, orphans = _load_captions(str(path), path.stat().st_mtime_ns)
-        except (OSError, ValueError) as err:
-            if start == 0:
-                yield P.reject_item(f"annotations/{path.name}", P.BAD_JSON, str(err))
-            return
-        on_disk = _image_files(folder)
-        for name in on_disk[start : start + self.options.images_per_unit]:
-            key = f"{folder.name}/{name}"
-            entry = by_name.get(name)
-            if entry is None:
-                yield P.reject_item(key, P.MISSING_ANNOTATION, "not listed in the captions file")
-            elif not captions.get(entry["id"]):
-                yield P.reject_item(key, T.NO_CAPTION, f"image id {entry['id']} has no caption")
-            else:
-                yield Item(key, data=(folder / name).read_bytes(), meta={"captions": captions[entry["id"]]})
-        if start == 0:
-            for name in sorted(set(by_name) - set(on_disk)):
-                yield P.reject_item(f"{folder.name}/{name}", P.MISSING_IMAGE, f"listed, but {folder / name} does not exist")
-            for ann_id, image_id in orphans:
-                yield P.reject_item(f"annotations/{path.name}#{ann_id}", P.MISSING_IMAGE, f"image_id {image_id!r} is not in the file")
+    def _captioned_item(self, folder: Path, key: str, entry: dict, coco: _Captions) -> Iterator[Item]:
+        captions = coco.captions.get(entry["id"])
+        if not captions:
+            yield P.reject_item(key, T.NO_CAPTION, f"image id {entry['id']} has no caption")
+        else:
+            yield Item(key, data=(folder / entry["file_name"]).read_bytes(), meta={"captions": captions})
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
         tokenizer = T.require_text_tokenizer(self.options)
@@ -129,10 +114,16 @@ class IncontextCaptionSource(LaionSource):
                 yield Reject(image.key, reason, detail, unit.unit)
 
 
+@dataclass
+class _Captions:
+    by_name: dict[str, dict]  # file name -> image entry
+    captions: dict  # image id -> its captions, in file order
+    orphans: list  # (annotation id, image id) of captions whose image is not in the file
+
+
 @functools.lru_cache(maxsize=2)
-def _load_captions(path: str, mtime_ns: int) -> tuple[dict[str, dict], dict, list]:
-    """COCO captions file -> (file name -> image entry, image id -> its captions in file order,
-    (annotation id, image id) of captions whose image is not in the file)."""
+def _load_captions(path: str, mtime_ns: int) -> _Captions:
+    """Parse and index one COCO captions file (cached per process, as the other COCO readers)."""
     try:
         data = json.loads(Path(path).read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -149,4 +140,4 @@ def _load_captions(path: str, mtime_ns: int) -> tuple[dict[str, dict], dict, lis
             orphans.append((ann.get("id"), ann.get("image_id")))
         elif isinstance(text, str) and text.strip():
             captions[ann["image_id"]].append(text.strip())
-    return {im["file_name"]: im for im in data["images"]}, captions, orphans
+    return _Captions({im["file_name"]: im for im in data["images"]}, captions, orphans)

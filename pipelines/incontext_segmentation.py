@@ -23,7 +23,7 @@ import numpy as np
 from uvd.pipelines import coco_masks
 from uvd.pipelines import pairing as P
 from uvd.pipelines import text as T
-from uvd.pipelines.coco import UNANNOTATED, _image_files, _parse_unit, read_coco_json, split_units
+from uvd.pipelines.coco import UNANNOTATED, read_coco_json, split_unit_items, split_units
 from uvd import records as R
 from uvd.records import Item, Reject, RejectError, Sentence, reason
 from uvd.registry import register_source
@@ -68,29 +68,9 @@ class IncontextSegmentationSource(Source):
         return split_units(self.recipe.inputs, "instances", self.options.images_per_unit)
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        return limit_items(self._items(*_parse_unit(unit)), max_items)
-
-    def _items(self, folder: Path, start: int) -> Iterator[Item]:
-        path = folder.parent / "annotations" / f"instances_{folder.name}.json"
-        try:
-            coco = _load_instances(str(path), path.stat().st_mtime_ns)
-        except (OSError, ValueError) as err:
-            if start == 0:
-                yield P.reject_item(f"annotations/{path.name}", P.BAD_JSON, str(err))
-            return
-        on_disk = _image_files(folder)
-        for name in on_disk[start : start + self.options.images_per_unit]:
-            key = f"{folder.name}/{name}"
-            entry = coco.by_name.get(name)
-            if entry is None:
-                yield P.reject_item(key, P.MISSING_ANNOTATION, "not listed in the annotation file")
-                continue
-            yield from self._image_items(folder, key, entry, coco)
-        if start == 0:
-            for name in sorted(set(coco.by_name) - set(on_disk)):
-                yield P.reject_item(f"{folder.name}/{name}", P.MISSING_IMAGE, f"listed, but {folder / name} does not exist")
-            for ann_id, image_id in coco.orphans:
-                yield P.reject_item(f"annotations/{path.name}#{ann_id}", P.MISSING_IMAGE, f"image_id {image_id!r} is not in the file")
+        items = split_unit_items(unit, self.options.images_per_unit, "instances", _load_instances,
+                                 self._image_items, "annotation file")
+        return limit_items(items, max_items)
 
     def _image_items(self, folder: Path, key: str, entry: dict, coco: _Instances) -> Iterator[Item]:
         data = (folder / entry["file_name"]).read_bytes()

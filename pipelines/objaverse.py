@@ -17,10 +17,9 @@ from typing import Iterable, Iterator
 from uvd.pipelines.mesh_render import (  # noqa: F401  (BROKEN_MESH: a reason this source gives, via the renderer)
     BROKEN_MESH, NUM_VIEWS, PLATFORMS, YFOV, MeshRenderer, multiview_cameras,
 )
-from uvd.records import INCOMPLETE_WINDOW, Item, Reject, RejectError, Sentence
+from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence  # noqa: F401  (INCOMPLETE_WINDOW: given via assemble_windows)
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, file_size_reject, find_input_files
-
+from uvd.source import Source, UnitImages, assemble_windows, find_input_files, input_file_unit
 
 
 @dataclass
@@ -108,9 +107,7 @@ class ObjaverseSource(Source):
         return multiview_cameras(name, self.recipe.seed, tuple(o.radius), tuple(o.elevation))
 
     def read_unit(self, unit: str, max_items: int | None = None) -> Iterator[Item]:
-        path = Path(unit)
-        name = self._meshes().get(path, path.name)
-        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        path, name, refused = input_file_unit(unit, self._meshes(), self.recipe.limits.max_file_bytes)
         if refused:
             yield refused
             return
@@ -127,21 +124,18 @@ class ObjaverseSource(Source):
             yield Item(view_key(name, camera["view"]), array=pixels, meta=meta)
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
+        o = self.options
         for unit in units:
-            by_key = {im.key: im for im in unit.images}
-            if not by_key:
+            if not unit.images:
                 continue
             name = unit.images[0].meta["object"]
-            used: set[str] = set()
-            for j, views in enumerate(view_windows(self.options)):
-                keys = [view_key(name, v) for v in views]
-                if not all(k in by_key for k in keys):
-                    continue
-                used.update(keys)
-                meta = {"object": name, "window": j, "views": views, "cameras": [by_key[k].meta["camera"] for k in keys],
-                        "yfov_deg": round(YFOV * 180 / 3.141592653589793, 4), "resolution": self.options.resolution,
-                        "background": self.options.background, "renderer": by_key[keys[0]].meta["renderer"]}
-                yield Sentence("multiview", [by_key[k] for k in keys], meta=meta)
-            for image in unit.images:
-                if image.key not in used:
-                    yield Reject(image.key, INCOMPLETE_WINDOW, "every window using this view lost another view", unit.unit)
+            windows = [((j, views), [view_key(name, v) for v in views]) for j, views in enumerate(view_windows(o))]
+
+            def sentence(window: tuple[int, list[int]], images: list[ImageRecord]) -> Sentence:
+                j, views = window
+                meta = {"object": name, "window": j, "views": views, "cameras": [im.meta["camera"] for im in images],
+                        "yfov_deg": round(YFOV * 180 / 3.141592653589793, 4), "resolution": o.resolution,
+                        "background": o.background, "renderer": images[0].meta["renderer"]}
+                return Sentence("multiview", images, meta=meta)
+
+            yield from assemble_windows(unit, windows, sentence, "every window using this view lost another view")

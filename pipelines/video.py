@@ -6,7 +6,8 @@ One unit per video file (mp4, webm, mkv, avi). `read_unit` plans every window of
 decodes the union of their frames once, in order (decord; PyAV when decord fails on a file),
 and yields each distinct frame as one item `<video>#f<index:06d>`; frames wait in a small
 buffer until a window that uses them is complete, so a video cut short never yields frames no
-sentence can use. `assemble` rebuilds the windows from the tokenized frames by key.
+sentence can use. `assemble` rebuilds the windows from the tokenized frames by key
+(`uvd.source.assemble_windows`, shared with the multi-view source).
 """
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence, reason
+from uvd.records import INCOMPLETE_WINDOW, ImageRecord, Item, Reject, RejectError, Sentence, reason  # noqa: F401  (INCOMPLETE_WINDOW: given via assemble_windows)
 from uvd.registry import register_source
-from uvd.source import Source, UnitImages, file_size_reject, find_input_files, limit_items
+from uvd.source import Source, UnitImages, assemble_windows, find_input_files, input_file_unit, limit_items
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,7 @@ class VideoSource(Source):
         return limit_items(self._read(unit), max_items)
 
     def _read(self, unit: str) -> Iterator[Item]:
-        path = Path(unit)
-        name = self._videos().get(path, path.name)
-        refused = file_size_reject(path, name, self.recipe.limits.max_file_bytes)
+        _, name, refused = input_file_unit(unit, self._videos(), self.recipe.limits.max_file_bytes)
         if refused:
             yield refused
             return
@@ -231,25 +230,21 @@ class VideoSource(Source):
 
     def assemble(self, units: Iterable[UnitImages]) -> Iterator[Sentence | Reject]:
         for unit in units:
-            by_key = {im.key: im for im in unit.images}
-            if not by_key:
+            if not unit.images:
                 continue
             first = unit.images[0].meta
             name, num_frames = first["video"], first["num_frames"]
-            used: set[str] = set()
-            for stride, windows in plan_windows(num_frames, self.options).items():
-                for j, frames in enumerate(windows):
-                    keys = [frame_key(name, f) for f in frames]
-                    if not all(k in by_key for k in keys):
-                        continue
-                    used.update(keys)
-                    meta = {"video": name, "stride": stride, "window": j, "start_frame": frames[0],
-                            "frame_indices": frames, "fps": first["fps"], "num_frames": num_frames,
-                            "decoder": first["decoder"], "video_size": first["video_size"]}
-                    yield Sentence(f"video_s{stride}", [by_key[k] for k in keys], meta=meta)
-            for image in unit.images:
-                if image.key not in used:
-                    yield Reject(image.key, INCOMPLETE_WINDOW, "every window using this frame lost another frame", unit.unit)
+            windows = [((stride, j, frames), [frame_key(name, f) for f in frames])
+                       for stride, plan in plan_windows(num_frames, self.options).items() for j, frames in enumerate(plan)]
+
+            def sentence(window: tuple[int, int, list[int]], images: list[ImageRecord]) -> Sentence:
+                stride, j, frames = window
+                meta = {"video": name, "stride": stride, "window": j, "start_frame": frames[0],
+                        "frame_indices": frames, "fps": first["fps"], "num_frames": num_frames,
+                        "decoder": first["decoder"], "video_size": first["video_size"]}
+                return Sentence(f"video_s{stride}", images, meta=meta)
+
+            yield from assemble_windows(unit, windows, sentence, "every window using this frame lost another frame")
 
 
 def decode_accounting(images: list[ImageRecord], sentences: list[Sentence]) -> dict[str, int]:

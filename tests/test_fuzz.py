@@ -3,11 +3,13 @@
 Seeded and small (a few thousand inputs, ~2 s): truncations at every offset class, random byte
 flips, header fields overwritten with extreme values, and chunk/marker boundaries, over JPEG,
 PNG, WebP, GIF and BMP files of many pixel modes. Each input must give a 256x256 RGB image or
-an `RejectError` with a known reason, and `preprocess_batch` must account for every row.
+an `RejectError` with a known reason, and `uvd.work.preprocess_item` (the runs' one decode path) must
+account for every item.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import io
 import random
 import struct
@@ -18,9 +20,10 @@ import pytest
 from PIL import Image
 
 from uvd import records as R
-from uvd.images import decode_file, preprocess_batch
-from uvd.records import UNSUPPORTED_MODE, RejectError
+from uvd.images import decode_file
+from uvd.records import REASONS as REGISTERED, UNSUPPORTED_MODE, Item, RejectError
 from uvd.recipe import FilterOptions, ImageOptions
+from uvd.work import preprocess_item
 
 REASONS = {
     R.EMPTY_FILE, R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE, R.CORRUPT_IMAGE, R.DECOMPRESSION_BOMB, UNSUPPORTED_MODE,
@@ -158,25 +161,24 @@ def test_no_exception_leaves_the_decoder(corpus):
     assert all(outcomes[r] > 0 for r in ("image", R.NOT_AN_IMAGE, R.TRUNCATED_IMAGE, R.CORRUPT_IMAGE, R.EMPTY_FILE))
 
 
-def test_preprocess_batch_accounts_for_every_row(corpus):
-    rows = corpus[::7]
-    batch = {
-        "key": np.array([f"{name}/{i}" for i, (name, _) in enumerate(rows)], dtype=object),
-        "data": np.array([d for _, d in rows] + [b""], dtype=object)[:-1],
-        "raw_shape": np.array([""] * len(rows), dtype=object),
-        "meta": np.array(["{}"] * len(rows), dtype=object),
-        "reject": np.array([""] * len(rows), dtype=object),
-        "detail": np.array([""] * len(rows), dtype=object),
-        "end": np.zeros(len(rows), dtype=bool),
-    }
-    out = preprocess_batch(batch, OPTIONS, FILTERS)
-    assert out["pixels"].shape == (len(rows), 256, 256, 3)
-    for i in range(len(rows)):
-        if out["reject"][i]:
-            assert out["reject"][i] in REASONS and not out["detail"][i].startswith("unexpected")
-            assert out["hash"][i] == ""
+def test_preprocess_item_accounts_for_every_item(corpus):
+    """Every input ends as pixels or as a reject whose reason is registered: no other exception
+    leaves the production decode path, and a decoded item's digest is that of its bytes."""
+    items = [Item(f"{name}/{i}", data=data, meta={}) for i, (name, data) in enumerate(corpus[::7])]
+    outcomes = {"pixels": 0, "reject": 0}
+    for item in items:
+        try:
+            pixels, width, height, digest = preprocess_item(item, OPTIONS, FILTERS)
+        except RejectError as err:
+            assert err.reason in REASONS and err.reason in REGISTERED, (item.key, err.reason)
+            assert err.detail, item.key
+            outcomes["reject"] += 1
         else:
-            assert len(out["hash"][i]) == 64 and out["width"][i] > 0 and out["height"][i] > 0
+            assert pixels.shape == (256, 256, 3) and pixels.dtype == np.uint8, item.key
+            assert width > 0 and height > 0 and digest == hashlib.sha256(item.data).digest()[:16], item.key
+            outcomes["pixels"] += 1
+    assert outcomes["pixels"] + outcomes["reject"] == len(items) > 500
+    assert outcomes["pixels"] > 0 and outcomes["reject"] > 0  # both ends are reached
 
 
 def test_jpeg_cut_after_8_bytes_is_truncated():

@@ -1,3 +1,4 @@
+import hashlib
 import io
 
 import numpy as np
@@ -5,9 +6,10 @@ import pytest
 from PIL import Image
 
 from uvd import records as R
-from uvd.images import decode_image, preprocess_batch
-from uvd.records import RejectError
+from uvd.images import decode_image
+from uvd.records import Item, RejectError
 from uvd.recipe import FilterOptions, ImageOptions
+from uvd.work import preprocess_item
 
 
 def jpeg(array, quality=95):
@@ -96,25 +98,20 @@ def test_filters():
     assert decode_image(wide, ImageOptions(), FilterOptions())[0].shape == (256, 256, 3)
 
 
-def _batch(rows):
-    keys = ["key", "data", "raw_shape", "reject", "detail", "end"]
-    return {k: np.array([r[k] for r in rows], dtype=object if k != "end" else bool) for k in keys}
-
-
-def test_preprocess_batch_mixes_files_raw_pixels_and_rejects():
+def test_preprocess_item_takes_files_and_raw_pixels_and_rejects_empty_data():
     raw = thirds(300, 200)
-    rows = [
-        dict(key="a", data=jpeg(thirds(512, 512)), raw_shape="", reject="", detail="", end=False),
-        dict(key="b", data=raw.tobytes(), raw_shape="[200, 300, 3]", reject="", detail="", end=False),
-        dict(key="c", data=b"", raw_shape="", reject="", detail="", end=False),
-        dict(key="d", data=b"", raw_shape="", reject=R.DOWNLOAD_FAILED, detail="404", end=False),
-    ]
-    out = preprocess_batch(_batch(rows), ImageOptions(), FilterOptions())
-    assert out["pixels"].shape == (4, 256, 256, 3)
-    assert list(out["reject"]) == ["", "", R.EMPTY_FILE, R.DOWNLOAD_FAILED]
-    assert list(out["width"][:2]) == [512, 300] and list(out["height"][:2]) == [512, 200]
-    assert len(out["hash"][0]) == 64 and out["hash"][0] != out["hash"][1]
-    assert "data" not in out and out["pixels"][1, 128, 128, 1] > 240
+    encoded = Item("a", data=jpeg(thirds(512, 512)))
+    pixels_a, width_a, height_a, digest_a = preprocess_item(encoded, ImageOptions(), FilterOptions())
+    pixels_b, width_b, height_b, digest_b = preprocess_item(Item("b", array=raw), ImageOptions(), FilterOptions())
+    assert pixels_a.shape == pixels_b.shape == (256, 256, 3) and pixels_a.dtype == pixels_b.dtype == np.uint8
+    assert (width_a, height_a, width_b, height_b) == (512, 512, 300, 200)
+    # the digest is of the input itself: the file's bytes, or the raw pixels
+    assert digest_a == hashlib.sha256(encoded.data).digest()[:16]
+    assert digest_b == hashlib.sha256(raw.tobytes()).digest()[:16] and digest_a != digest_b
+    assert pixels_b[128, 128, 1] > 240 and pixels_b[128, 128, 0] < 15  # the centre crop of 300x200 is green
+    with pytest.raises(RejectError) as err:
+        preprocess_item(Item("c", data=b""), ImageOptions(), FilterOptions())
+    assert err.value.reason == R.EMPTY_FILE
 
 
 # ------------------------------------------------------------------ pixel modes: scaled, not clipped
@@ -262,17 +259,13 @@ def test_exif_orientation_matches_pillow_exif_transpose():
 
 
 def test_orientation_is_recorded_in_the_item_meta():
-    rows = [
-        dict(key="turned", data=_with_orientation(_marked(), 6), raw_shape="", meta='{"url": "u"}', reject="", detail="", end=False),
-        dict(key="plain", data=_with_orientation(_marked(), 1), raw_shape="", meta='{"url": "v"}', reject="", detail="", end=False),
-    ]
-    batch = {k: np.array([r[k] for r in rows], dtype=object if k != "end" else bool) for k in rows[0]}
-    out = preprocess_batch(batch, ImageOptions(), FilterOptions())
-    import json
-
-    assert json.loads(out["meta"][0]) == {"url": "u", "exif_transposed": True, "exif_orientation": 6}
-    assert json.loads(out["meta"][1]) == {"url": "v"}
-    assert (out["width"][0], out["height"][0]) == (300, 400) and (out["width"][1], out["height"][1]) == (400, 300)
+    turned = Item("turned", data=_with_orientation(_marked(), 6), meta={"url": "u"})
+    plain = Item("plain", data=_with_orientation(_marked(), 1), meta={"url": "v"})
+    _, w_turned, h_turned, _ = preprocess_item(turned, ImageOptions(), FilterOptions())
+    _, w_plain, h_plain, _ = preprocess_item(plain, ImageOptions(), FilterOptions())
+    assert turned.meta == {"url": "u", "exif_transposed": True, "exif_orientation": 6}
+    assert plain.meta == {"url": "v"}
+    assert (w_turned, h_turned) == (300, 400) and (w_plain, h_plain) == (400, 300)
 
 
 def test_damaged_exif_keeps_the_image_upright_as_stored():

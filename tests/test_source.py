@@ -1,17 +1,21 @@
 """The source toolkit in uvd/source.py: limit_items, IMAGE_SUFFIXES, files_by_stem and the clash
-rule every folder source shares (a clash is a reject or a ValueError, never a silently kept file)."""
+rule every folder source shares (a clash is a reject or a ValueError, never a silently kept file),
+and assemble_windows (the fixed-window assembly of video frames and multi-view renders)."""
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import TEST_OVERRIDES
 from uvd.recipe import load_recipe
-from uvd.records import FILE_CLASH, Item
+from uvd.records import EMPTY_FILE, FILE_CLASH, INCOMPLETE_WINDOW, TOO_LARGE, ImageRecord, Item, Reject, Sentence
 from uvd.registry import get_source
-from uvd.source import IMAGE_SUFFIXES, clash_rejects, files_by_stem, limit_items
+from uvd.source import (
+    IMAGE_SUFFIXES, UnitImages, assemble_windows, clash_rejects, files_by_stem, input_file_unit, limit_items,
+)
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -128,3 +132,43 @@ def test_semantic_folders_rejects_both_images_of_a_clash(tmp_path):
     assert {k.rpartition("/")[2] for k in clashing} == {first.name, first.with_suffix(".png").name}
     assert all(after[k] == FILE_CLASH for k in clashing)
     assert {k: v for k, v in after.items() if k not in clashing} == {k: v for k, v in before.items() if first.stem not in k}
+
+
+def test_assemble_windows_keeps_complete_windows_and_rejects_what_none_used():
+    # the unit's tokenized images, in reading order; "x" was lost before tokenizing
+    images = {k: ImageRecord(k, np.zeros(256, np.uint16), k * 4, 8, 8) for k in ("a", "f", "b", "c", "e", "d")}
+    unit = UnitImages("clip.mp4", list(images.values()))
+    windows = [
+        ("w0", ["a", "b", "c"]),
+        ("w1", ["f", "x"]),  # incomplete: f's only window
+        ("w2", ["d", "c"]),  # overlaps w0 on c; images in the window's order, not the unit's
+    ]
+    calls = []
+
+    def make_sentence(label, window_images):
+        calls.append(label)
+        return Sentence(f"task_{label}", window_images, meta={"window": label})
+
+    out = list(assemble_windows(unit, windows, make_sentence, "lost a neighbour"))
+    assert calls == ["w0", "w2"]  # never called for an incomplete window
+    assert [(type(o), getattr(o, "task", None)) for o in out[:2]] == [(Sentence, "task_w0"), (Sentence, "task_w2")]
+    assert [im.key for im in out[0].images] == ["a", "b", "c"] and out[0].images[0] is images["a"]
+    assert [im.key for im in out[1].images] == ["d", "c"] and out[1].meta == {"window": "w2"}
+    # then one reject per image no emitted window used (f: its window lost x; e: in no window), unit order
+    assert out[2:] == [Reject("f", INCOMPLETE_WINDOW, "lost a neighbour", "clip.mp4"),
+                       Reject("e", INCOMPLETE_WINDOW, "lost a neighbour", "clip.mp4")]
+    assert list(assemble_windows(UnitImages("empty", []), windows, make_sentence, "-")) == []
+
+
+def test_input_file_unit_names_the_file_and_refuses_empty_or_large_ones(tmp_path):
+    (tmp_path / "sub").mkdir()
+    ok, empty, large = tmp_path / "sub" / "a.mp4", tmp_path / "b.mp4", tmp_path / "c.mp4"
+    ok.write_bytes(b"x" * 10)
+    empty.write_bytes(b"")
+    large.write_bytes(b"x" * 11)
+    names = {ok: "sub/a.mp4", empty: "b.mp4"}  # find_input_files' mapping (c: a unit it does not name)
+    assert input_file_unit(str(ok), names, 10) == (ok, "sub/a.mp4", None)
+    path, name, refused = input_file_unit(str(empty), names, 10)
+    assert (path, name, refused.key, refused.reject) == (empty, "b.mp4", "b.mp4", EMPTY_FILE)
+    path, name, refused = input_file_unit(str(large), names, 10)
+    assert (name, refused.key, refused.reject) == ("c.mp4", "c.mp4", TOO_LARGE) and "11 bytes" in refused.detail

@@ -1,15 +1,12 @@
 """Shared image preprocessing: bytes or pixels -> 256x256 RGB uint8, or a reject reason.
 
-Runs decode each item with `decode_file` / `resize_array` through `uvd.work.preprocess_item`;
-`preprocess_batch` is the same over a batch of rows (kept for batch callers and the fuzzer). No exception a hostile file can raise in a decoder
+Runs, tokenizer training and the tests decode each item with `decode_file` / `resize_array` through
+`uvd.work.preprocess_item`, the one decode path. No exception a hostile file can raise in a decoder
 leaves this module: each becomes a `RejectError` with a reason (tests/test_fuzz.py).
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import logging
 import struct
 import warnings
 from dataclasses import dataclass
@@ -20,8 +17,6 @@ from PIL import Image, UnidentifiedImageError
 from uvd import records as R
 from uvd.recipe import FilterOptions, ImageOptions
 from uvd.records import RejectError
-
-log = logging.getLogger(__name__)
 
 # We enforce our own pixel bound (recipe image.max_pixels) from the header, before decoding.
 Image.MAX_IMAGE_PIXELS = None
@@ -63,10 +58,6 @@ class DecodedImage:
     width: int  # size before preprocessing, as displayed (after EXIF orientation)
     height: int
     orientation: int = 1  # the EXIF orientation applied (1: none)
-
-
-def content_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _describe(err: BaseException) -> str:
@@ -257,49 +248,3 @@ def resize_array(array: np.ndarray, image: ImageOptions, filters: FilterOptions)
     height, width = array.shape[:2]
     check_filters(width, height, filters)
     return load_pixels(Image.fromarray(array), image.size, image.resize)[:3]
-
-
-def _with_orientation(meta: str, orientation: int) -> str:
-    info = json.loads(meta) if meta else {}
-    info.update(exif_transposed=True, exif_orientation=orientation)
-    return json.dumps(info, sort_keys=True)
-
-
-def preprocess_batch(batch: dict[str, np.ndarray], image: ImageOptions, filters: FilterOptions) -> dict[str, np.ndarray]:
-    """Ray Data stage: rows with `data` (file bytes, or raw pixels when `raw_shape` is set)
-    -> rows with `pixels` (B, size, size, 3), `hash`, `width`, `height`; failures set `reject`.
-    An image turned upright by its EXIF orientation gets `exif_transposed` in its `meta`."""
-    n = len(batch["key"])
-    pixels = np.zeros((n, image.size, image.size, 3), dtype=np.uint8)
-    hashes = np.empty(n, dtype=object)
-    widths = np.zeros(n, dtype=np.int64)
-    heights = np.zeros(n, dtype=np.int64)
-    reject = batch["reject"].astype(object)
-    detail = batch["detail"].astype(object)
-    meta = batch["meta"].astype(object) if "meta" in batch else None
-    for i in range(n):
-        hashes[i] = ""
-        if reject[i] or batch["end"][i]:
-            continue
-        data = batch["data"][i]
-        try:
-            shape = json.loads(batch["raw_shape"][i]) if batch["raw_shape"][i] else None
-            if shape:
-                array = np.frombuffer(data, dtype=np.uint8).reshape(shape)
-                pixels[i], widths[i], heights[i] = resize_array(array, image, filters)
-            else:
-                decoded = decode_file(data, image, filters)
-                pixels[i], widths[i], heights[i] = decoded.pixels, decoded.width, decoded.height
-                if decoded.orientation != 1 and meta is not None:
-                    meta[i] = _with_orientation(meta[i], decoded.orientation)
-            hashes[i] = content_hash(data)
-        except RejectError as err:
-            reject[i], detail[i] = err.reason, err.detail
-        except Exception as err:  # noqa: BLE001  a decoder failure DECODE_ERRORS missed: still one input's fault
-            log.warning("item %s: unexpected %s while decoding", batch["key"][i], type(err).__name__)
-            reject[i], detail[i] = R.CORRUPT_IMAGE, f"unexpected {_describe(err)}"
-    out = {k: v for k, v in batch.items() if k not in ("data", "raw_shape")}
-    out.update(pixels=pixels, hash=hashes, width=widths, height=heights, reject=reject, detail=detail)
-    if meta is not None:
-        out["meta"] = meta
-    return out

@@ -15,9 +15,9 @@ import glob
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Iterable, Iterator, Literal
+from typing import TYPE_CHECKING, Callable, ClassVar, Iterable, Iterator, Literal, TypeVar
 
-from uvd.records import EMPTY_FILE, FILE_CLASH, TOO_LARGE, ImageRecord, Item, Reject, Sentence
+from uvd.records import EMPTY_FILE, FILE_CLASH, INCOMPLETE_WINDOW, TOO_LARGE, ImageRecord, Item, Reject, Sentence
 from uvd.storage import is_uri
 
 if TYPE_CHECKING:
@@ -171,6 +171,35 @@ def limit_items(items: Iterable[Item], max_items: int | None) -> Iterator[Item]:
         close = getattr(iterator, "close", None)
         if close is not None:
             close()
+
+
+def input_file_unit(unit: str, names: dict[Path, str], max_file_bytes: int) -> tuple[Path, str, Item | None]:
+    """A unit that is one input file (video, mesh), `names` being `find_input_files`' mapping ->
+    (its path, the name its keys start with, its `file_size_reject` or None)."""
+    path = Path(unit)
+    name = names.get(path, path.name)
+    return path, name, file_size_reject(path, name, max_file_bytes)
+
+
+W = TypeVar("W")
+
+
+def assemble_windows(unit: UnitImages, windows: Iterable[tuple[W, list[str]]],
+                     make_sentence: Callable[[W, list[ImageRecord]], Sentence], detail: str) -> Iterator[Sentence | Reject]:
+    """One unit's sentences of fixed windows (a video's frames per stride, an object's views):
+    `windows` are (label, image keys); for each window whose images were all tokenized, in the
+    given order, `make_sentence(label, its images in the window's order)`. Windows may overlap.
+    Then every image of the unit no emitted window used, in the unit's order, is a Reject
+    (`incomplete_window`, `detail`): each window it was in lost another image."""
+    by_key = {image.key: image for image in unit.images}
+    used: set[str] = set()
+    for label, keys in windows:
+        if all(k in by_key for k in keys):
+            used.update(keys)
+            yield make_sentence(label, [by_key[k] for k in keys])
+    for image in unit.images:
+        if image.key not in used:
+            yield Reject(image.key, INCOMPLETE_WINDOW, detail, unit.unit)
 
 
 def files_by_stem(folder: Path, suffixes: Iterable[str] | None = IMAGE_SUFFIXES,
