@@ -29,7 +29,7 @@ import pyarrow as pa
 from uvd import layout as L
 from uvd import storage as S
 from uvd.images import ImageRejected, decode_file, resize_array
-from uvd.records import UNREADABLE, Item
+from uvd.records import CORRUPT_IMAGE, UNREADABLE, Item
 from uvd.shards import WORK_SCHEMA, table_bytes, uint16_lists
 
 log = logging.getLogger(__name__)
@@ -236,6 +236,9 @@ def tokenize_part(part: Part, source: Any, recipe: Any, run_dir: str, work_hash:
                     pixels, width, height, digest = preprocess_item(item, recipe.image, recipe.filters)
                 except ImageRejected as err:
                     add(unit_id, item, err.reason, err.detail)
+                except Exception as err:  # noqa: BLE001  a decoder failure the image checks missed: one input's fault
+                    log.warning("item %s: unexpected %s while decoding", item.key, type(err).__name__)
+                    add(unit_id, item, CORRUPT_IMAGE, f"unexpected {type(err).__name__}: {err}")
                 else:
                     add(unit_id, item, pixels=pixels, size=(width, height), digest=digest)
                     kept += 1
