@@ -3,6 +3,7 @@ test runs in a scratch folder, so a default output (`out/<source>`, `audit.html`
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,14 @@ TEST_OVERRIDES = [
     "output.sentences_per_shard=16",
     "limits.max_reject_rate=0.5",  # the small sample world is 40% deliberately broken inputs
 ]
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def shipped_recipe(name: str, inputs, *extra: str):
+    """recipes/<name>.yaml on `inputs`, with the fast test settings and then `extra` overrides."""
+    from uvd.recipe import load_recipe
+
+    return load_recipe(RECIPES / f"{name}.yaml", [f"inputs={inputs}", *TEST_OVERRIDES, *extra])
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,15 +8,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TEST_OVERRIDES
+from conftest import shipped_recipe
 from uvd.pipelines.annotated_video import count_images, layout_images
 from uvd.pipelines.render import PALETTE
 from uvd import manifest as M
-from uvd.recipe import load_recipe, recipe_from_dict
+from uvd.recipe import recipe_from_dict
 from uvd.runner import run_recipe
 from plain_run import run_plain
 
-RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,7 @@ def clips(tmp_path_factory):
 
 
 def recipe(clips, *extra):
-    return load_recipe(RECIPES / "annotated_video.yaml", [f"inputs={clips['path']}", *TEST_OVERRIDES, *extra])
+    return shipped_recipe("annotated_video", clips["path"], *extra)
 
 
 def by_reason(rejects):

@@ -13,15 +13,14 @@ import numpy as np  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import TEST_OVERRIDES  # noqa: E402
+from conftest import shipped_recipe  # noqa: E402
 from uvd.pipelines.mesh_render import multiview_cameras  # noqa: E402
 from uvd.pipelines.objaverse import ObjaverseOptions, view_key, view_windows  # noqa: E402
 from uvd import manifest as M  # noqa: E402
-from uvd.recipe import load_recipe, recipe_from_dict  # noqa: E402
+from uvd.recipe import recipe_from_dict  # noqa: E402
 from uvd.runner import run_recipe  # noqa: E402
 from plain_run import run_plain  # noqa: E402
 
-RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +31,7 @@ def meshes(tmp_path_factory):
 
 
 def recipe(path, *extra):
-    return load_recipe(RECIPES / "objaverse.yaml", [f"inputs={path}", *TEST_OVERRIDES, *extra])
+    return shipped_recipe("objaverse", path, *extra)
 
 
 def test_cameras_24_azimuths_15_degrees_apart_in_range():

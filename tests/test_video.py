@@ -2,22 +2,20 @@
 on plain lists without Ray, then once end to end through Ray."""
 import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import TEST_OVERRIDES
+from conftest import shipped_recipe
 from uvd.pipelines.video import VideoOptions, decode_accounting, frame_key, plan_windows
 from uvd import manifest as M
-from uvd.recipe import load_recipe, recipe_from_dict
+from uvd.recipe import recipe_from_dict
 from uvd.records import ImageRecord
 from uvd.registry import get_source
 from uvd.runner import run_recipe
 from plain_run import run_plain
 
-RECIPES = Path(__file__).parents[1] / "recipes"
 # Sentences the default recipe makes of the world's good clips (see demo/world_media.py).
 EXPECTED_TASKS = {"video_s10": 3 + 2 + 1, "video_s20": 1 + 1, "video_s30": 1}
 
@@ -30,7 +28,7 @@ def videos(tmp_path_factory):
 
 
 def recipe(videos, *extra):
-    return load_recipe(RECIPES / "video.yaml", [f"inputs={videos['path']}", *TEST_OVERRIDES, *extra])
+    return shipped_recipe("video", videos["path"], *extra)
 
 
 def test_frame_indices_per_stride_are_exact():
