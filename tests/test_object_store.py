@@ -205,6 +205,10 @@ def test_uri_inputs_for_a_source_that_reads_local_files_are_a_clear_error():
 
     with pytest.raises(ValueError, match="reads local files only"):
         resolve_inputs(["s3://bucket/coco"])
+    from uvd.push import push_run
+
+    with pytest.raises(ValueError, match="uploads a local run folder"):
+        push_run("s3://bucket/run", "me/x")
     assert S.is_uri("s3://b/x") and S.is_uri("hf://datasets/x") and not S.is_uri("/data/x")
     assert not S.is_uri("file:///data/x") and S.as_path("file:///data/x") == Path("/data/x")
 

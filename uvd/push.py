@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 from uvd import manifest as M
+from uvd.storage import is_uri
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,9 @@ IGNORE_PATTERNS = ["_uvd/*", "_uvd/**", "*.tmp", "**/*.tmp", "**/.*.tmp"]
 def push_run(run: str | Path, repo_id: str, private: bool = False, message: str | None = None,
              endpoint: str | None = None, token: str | None = None) -> str:
     """Create dataset repo `repo_id` if needed and upload the run folder -> the commit's URL."""
+    if is_uri(run):
+        raise ValueError(f"{run}: `uvd push` uploads a local run folder; copy an object-store run down first "
+                         "(e.g. `aws s3 sync`)")
     run = Path(run)
     if not run.is_dir():
         raise ValueError(f"{run}: no such run folder")
