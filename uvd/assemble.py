@@ -304,22 +304,35 @@ def _assemble_each(source: Any, images: list[UnitImages]) -> Iterator[Sentence |
         yield from source.assemble([unit_images])
 
 
-def write_valid(run: Path, part: int, output_hash: str, check: str = "size") -> tuple[bool, dict | None]:
+def run_sizes(run: Path) -> dict[str, int]:
+    """'data/NAME' / 'rejects/NAME' -> size of every shard and rejects file (two listings)."""
+    return {f"{folder}/{name}": size for folder in (L.DATA_DIR, L.REJECTS_DIR)
+            for name, size in S.listing(run / folder).items()}
+
+
+def write_valid(run: Path, part: int, output_hash: str, check: str = "size",
+                sizes: dict[str, int] | None = None) -> tuple[bool, dict | None]:
     """The part's write record exists for this output and its shards and rejects are on disk
-    (`check`: "exists", "size", or "sha256" to re-read every byte). -> (valid, record)."""
+    (`check`: "exists", "size", or "sha256" to re-read every byte; `sizes`: run_sizes() taken
+    before, so no file is looked up one by one). -> (valid, record)."""
     try:
         record = L.read_json(run / L.WRITES_DIR / f"{L.part_name(part)}.json", "a write record")
     except L.CorruptRunError:
         return False, None
     if record is None or record.get("output_hash") != output_hash:
         return False, record
-    if not (run / record["rejects"]["file"]).is_file():
+    rejects_file = record["rejects"]["file"]
+    if not (rejects_file in sizes if sizes is not None else (run / rejects_file).is_file()):
         return False, record
     for name, counts in record["shards"].items():
         path = L.checked_name(run, name, "shard")
-        if not path.is_file():
+        if sizes is not None:
+            size = sizes.get(name)
+        else:
+            size = path.stat().st_size if path.is_file() else None
+        if size is None:
             return False, record
-        if check in ("size", "sha256") and path.stat().st_size != counts["bytes"]:
+        if check in ("size", "sha256") and size != counts["bytes"]:
             return False, record
         if check == "sha256" and hashlib.sha256(path.read_bytes()).hexdigest() != counts["sha256"]:
             return False, record

@@ -23,7 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from uvd import layout as L
 from uvd import manifest as M
@@ -140,7 +140,7 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
     summary = RunSummary(out_dir=str(out), units_total=len(units), parts_total=len(parts), tokenizer=tokenizer)
     if manifest["status"] == "complete":
         used = parts[: manifest.get("parts", len(parts))]  # with limits.max_items, the parts the limit reached
-        bad = [p.index for p in used if not write_valid(out, p.index, output_hash, "sha256" if verify else "size")[0]]
+        bad = [p.index for p, ok in zip(used, _written(out, used, output_hash, "sha256" if verify else "size")) if not ok]
         if not bad:
             log.info("%s: already complete, nothing to do", out)
             return _finish_summary(summary, manifest, start, already_complete=True)
@@ -162,14 +162,16 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         if recipe.limits.max_items is not None:
             parts = _tokenize_limited(parts, source_ref, recipe, out, work_hash, tokenizer, summary, progress, output_hash)
             manifest["parts"] = len(parts)
-        written = {p.index: write_valid(out, p.index, output_hash)[0] for p in parts}
+        written = dict(zip((p.index for p in parts), _written(out, parts, output_hash)))
         global_assembly = source.assembly == "global"
         dedup_ready = not recipe.filters.dedup or _dedup_valid(out, output_hash, len(parts))
         inputs_of = _window_parts(parts, written, source.assembly_window if not global_assembly else 1,
                                   recipe.output.units_per_part or source.units_per_part)
         need_work = [p for p in parts if p.index in inputs_of or not dedup_ready or
                      (global_assembly and not all(written.values()))]
-        todo = [p for p in need_work if not work_valid(out, p.index, _part_hash(work_hash, p))]
+        work_files = S.listing(out / L.WORK_DIR)
+        valid = S.io_map(lambda p: work_valid(out, p.index, _part_hash(work_hash, p), work_files), need_work)
+        todo = [p for p, ok in zip(need_work, valid) if not ok]
         if todo:
             _tokenize(todo, source_ref, recipe, out, work_hash, tokenizer, summary, progress)
         if not dedup_ready:
@@ -190,6 +192,14 @@ def _run_locked(recipe: Recipe, source: Source, units: list[str], tokenizer: dic
         summary.parts_written = len(to_write)
         _run_tasks(f"{recipe.source}: write", to_write, submit_write, lambda p, rec: None, progress)
     return _compact(recipe, out, parts, manifest, output_hash, summary, start)
+
+
+def _written(out: Path, parts: list[Part], output_hash: str, check: str = "size") -> list[bool]:
+    """Per part: is its write valid? Two listings for the files, the records read on a thread pool."""
+    from uvd.assemble import run_sizes
+
+    sizes = run_sizes(out)
+    return S.io_map(lambda p: write_valid(out, p.index, output_hash, check, sizes)[0], parts)
 
 
 def _window_parts(parts: list[Part], written: dict[int, bool], window: int, units_per_part: int) -> set[int]:
@@ -493,12 +503,14 @@ def _dedup(out: Path, parts: list[Part], output_hash: str) -> None:
              len(groups), len(ranges))
 
 
-def _part_records(out: Path, parts: list[Part]) -> Iterable[dict]:
-    for p in parts:
+def _part_records(out: Path, parts: list[Part]) -> list[dict]:
+    def read(p: Part) -> dict:
         record = L.read_json(out / L.PARTS_DIR / f"{p.name}.json", "a part record")
         if record is None:
             raise L.CorruptRunError(out / L.PARTS_DIR / f"{p.name}.json", "a part record is missing")
-        yield record
+        return record
+
+    return S.io_map(read, parts)
 
 
 def parts_summary(out: Path, parts: list[Part]) -> list[dict]:
@@ -541,8 +553,15 @@ def _compact(recipe: Recipe, out: Path, parts: list[Part], manifest: dict, outpu
     rejects = {"files": [], "count": 0, "by_reason": {}}
     totals = {"sentences": 0, "images": 0, "tokens": 0, "rejected": 0, "inputs": 0}
     label_rejects = 0  # labeler renderings no sentence used: listed as rejects, not judged as bad inputs
-    for p in parts:
-        ok, record = write_valid(out, p.index, output_hash, "exists")
+    from uvd.assemble import run_sizes
+
+    sizes = run_sizes(out)
+    def checked():  # read on a thread pool, folded a chunk at a time (never every record at once)
+        for i in range(0, len(parts), 4096):
+            chunk = parts[i: i + 4096]
+            yield from zip(chunk, S.io_map(lambda p: write_valid(out, p.index, output_hash, "exists", sizes), chunk))
+
+    for p, (ok, record) in checked():
         if not ok:
             raise L.CorruptRunError(out / L.WRITES_DIR / f"{p.name}.json", "a part's write record is missing after writing")
         shards.update(record["shards"])

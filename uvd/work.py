@@ -328,16 +328,18 @@ def read_work(run: Path, part: int) -> pa.Table:
         raise L.CorruptRunError(path, f"a work file is missing or damaged ({err})") from None
 
 
-def work_valid(run: Path, part: int, work_hash: str) -> bool:
-    """The part's work (file + record) exists and was made by this exact recipe and tokenizer."""
+def work_valid(run: Path, part: int, work_hash: str, work_files: dict[str, int] | None = None) -> bool:
+    """The part's work (file + record) exists and was made by this exact recipe and tokenizer
+    (`work_files`: a listing of the work folder taken before, so no file is looked up one by one)."""
     name = L.part_name(part)
     try:
         record = L.read_json(run / L.PARTS_DIR / f"{name}.json", "a part record")
     except L.CorruptRunError:
         return False
-    return (record is not None and record.get("work_hash") == work_hash
-            and (run / L.WORK_DIR / f"{name}.parquet").is_file()
-            and (run / L.WORK_DIR / f"{name}.digests.parquet").is_file())
+    files = (f"{name}.parquet", f"{name}.digests.parquet")
+    present = (all(f in work_files for f in files) if work_files is not None
+               else all((run / L.WORK_DIR / f).is_file() for f in files))
+    return record is not None and record.get("work_hash") == work_hash and present
 
 
 class Progress:
